@@ -1,0 +1,110 @@
+"""Lifecycle events the core emits; monitoring and audit plugins receive them through hooks.
+
+Events carry identities, serials, fingerprints and times: never key material or tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+class CertKind(enum.StrEnum):
+    WORKLOAD = "workload"
+    INTERMEDIATE = "intermediate"
+    ROOT = "root"
+
+
+class Severity(enum.StrEnum):
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateIssued:
+    """A certificate was issued. ``subject`` is a SPIFFE ID for workloads, a CA name for CAs."""
+
+    subject: str
+    kind: CertKind
+    serial: str
+    fingerprint: str
+    not_after: datetime
+    provider: str
+    requested_by: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRotated:
+    """A certificate was replaced by a new one (with a new key)."""
+
+    subject: str
+    kind: CertKind
+    old_serial: str
+    new_serial: str
+    not_after: datetime
+    provider: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RotationFailed:
+    """A renewal failed. ``severity`` is ERROR once the current certificate is close to expiry."""
+
+    subject: str
+    kind: CertKind
+    error: str
+    attempt: int
+    next_attempt: datetime | None
+    expires: datetime | None
+    severity: Severity
+    provider: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CaRotated:
+    """A CA change: a new intermediate, or a root rotation phase (prepare, activate, retire)."""
+
+    kind: CertKind
+    phase: str
+    old_fingerprint: str | None
+    new_fingerprint: str
+    provider: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDenied:
+    """A peer asked for something its identity is not entitled to (e.g. another proxy's secret)."""
+
+    peer: str
+    resource: str
+    reason: str
+    at: datetime
+
+
+Event = CertificateIssued | CertificateRotated | RotationFailed | CaRotated | AccessDenied
+
+
+class EventSink(Protocol):
+    """Where the core sends events (the plugin manager facade implements it)."""
+
+    def emit(self, event: Event) -> None: ...
+
+
+class NullSink:
+    def emit(self, event: Event) -> None:
+        return None
+
+
+class ListSink:
+    """Collects events in memory (for tests and the CLI)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)

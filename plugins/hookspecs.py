@@ -1,0 +1,86 @@
+"""Hook specifications of mesh-identity.
+
+A plugin is a module (or object) with functions decorated ``@plugins.hookimpl`` and named like the specs
+below; it is found through the ``mesh_identity`` entry-point group::
+
+    [project.entry-points.mesh_identity]
+    my_ca = "my_package.plugin"
+
+Providers are plugins like any other: the built-in, Vault and cert-manager providers register this way too.
+Event hooks are called synchronously, in the thread that caused the event; they must be quick and must not
+raise (an exception is logged and swallowed by the facade, so a broken plugin cannot stop a rotation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, RotationFailed
+from mesh_identity.provider import ProviderSpec
+from plugins import hookspec
+
+
+@hookspec
+def mesh_identity_providers() -> Sequence[ProviderSpec]:
+    """Register CA providers.
+
+    :return: the :class:`~mesh_identity.provider.ProviderSpec` objects this plugin offers (may be empty).
+    Called once when the plugin manager is built; results of all plugins are collected. Two providers with the
+    same name are an error.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_validate_provider_options(provider: str, options: Mapping[str, Any]) -> Sequence[str]:
+    """Check a provider's options beyond its schema (e.g. two options that exclude each other).
+
+    :param provider: the provider name from ``ca.provider``.
+    :param options: the options after schema validation (defaults filled in, values converted).
+    :return: problems, each a message naming the option key; empty when all is well.
+    Called for every plugin; all problems are collected and reported together.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_configure(settings: Mapping[str, Any]) -> None:
+    """Receive the settings plugins may need, once at start, before any event.
+
+    :param settings: ``{"trust_domain": str, "state_dir": pathlib.Path, "plugins": {name: {...}}}`` where
+        ``plugins`` is the config file's ``plugins`` section (each plugin reads its own key).
+    Called for every plugin.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_certificate_issued(event: CertificateIssued) -> None:
+    """A workload, intermediate or root certificate was issued. Called for every plugin."""
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_certificate_rotated(event: CertificateRotated) -> None:
+    """A certificate was replaced by a new one. Called for every plugin, after ``certificate_issued``."""
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_rotation_failed(event: RotationFailed) -> None:
+    """A renewal failed; ``event.severity`` is ``error`` once expiry is near. Called for every plugin."""
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_ca_rotated(event: CaRotated) -> None:
+    """A CA changed: new intermediate, or a root rotation phase. Called for every plugin."""
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_access_denied(event: AccessDenied) -> None:
+    """A peer asked for something it is not entitled to (another identity's secret). Called for every
+    plugin."""
+    raise NotImplementedError
