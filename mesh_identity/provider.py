@@ -26,7 +26,7 @@ from typing import Any
 from cryptography import x509
 
 from mesh_identity.durations import parse_duration
-from mesh_identity.errors import ConfigError, ProviderRejectedError
+from mesh_identity.errors import ConfigError, ProviderRejectedError, RotationError
 from mesh_identity.keys import KeyType
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import TrustBundle
@@ -107,13 +107,15 @@ class Capabilities:
 
 @dataclass(frozen=True, slots=True)
 class ProviderContext:
-    """What the core hands a provider factory."""
+    """What the core hands a provider factory. ``create`` False means: do not create new CA state (the CLI's
+    ``issue`` on a state directory that was never ``init``-ed must fail, not mint a new root)."""
 
     trust_domain: TrustDomain
     state_dir: Path
     key_type: KeyType
     mode: Mode
     clock: Callable[[], datetime]
+    create: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +197,25 @@ class CAProvider(abc.ABC):
         """Checks of the configuration against the live upstream, for ``mesh-identity doctor``."""
         health = self.health()
         return [Check("health", health.healthy, health.detail)]
+
+    # Root rotation, for providers whose capabilities say ``root_rotation``. The phases are
+    # steady -> prepared (new root in the bundle) -> activated (new root signs) -> steady (old root retired);
+    # the provider persists the phase so a restart resumes. The rotation engine gates each step on evidence.
+
+    def root_phase(self) -> str:
+        return "steady"
+
+    def prepare_root(self) -> x509.Certificate:
+        """Create the next root and add it to the bundle; the current root keeps signing."""
+        raise RotationError(f"provider {self.name!r} does not rotate its root")
+
+    def activate_root(self) -> x509.Certificate:
+        """Make the prepared root the one that signs intermediates."""
+        raise RotationError(f"provider {self.name!r} does not rotate its root")
+
+    def retire_root(self) -> tuple[x509.Certificate, ...]:
+        """Drop every root but the active one from the bundle; returns the retired roots."""
+        raise RotationError(f"provider {self.name!r} does not rotate its root")
 
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release connections and background tasks."""

@@ -1,0 +1,205 @@
+"""The configuration file (YAML), validated with errors that name the key path and the bad value.
+
+Example (``examples/config.yaml``, loaded by a test)::
+
+    trust_domain: example.org
+    state_dir: ./state
+    ca:
+      provider: builtin
+      mode: intermediate
+      key_type: ecdsa-p256
+      workload_ttl: 1h
+      intermediate_ttl: 24h
+      rotate_after: 0.5
+      provider_options: {}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh_identity.durations import parse_duration
+from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
+from mesh_identity.keys import KeyType
+from mesh_identity.provider import Mode
+from mesh_identity.spiffe import TrustDomain
+
+CONFIG_ENV = "MESH_IDENTITY_CONFIG"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    provider: str = "builtin"
+    mode: Mode = Mode.INTERMEDIATE
+    key_type: KeyType = KeyType.ECDSA_P256
+    workload_ttl: timedelta = timedelta(hours=1)
+    intermediate_ttl: timedelta = timedelta(hours=24)
+    rotate_after: float = 0.5
+    jitter: float = 0.1
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    trust_domain: TrustDomain
+    state_dir: Path
+    ca: CaConfig = field(default_factory=CaConfig)
+    metrics_listen: ListenConfig | None = None
+    xds_listen: ListenConfig | None = None
+    mesh_file: Path | None = None
+    plugins: Mapping[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+
+# -- field parsers: each takes the value and its key path, returns the parsed value or raises ConfigError ----
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: {value!r} is not a non-empty string")
+    return value
+
+
+def _duration(value: Any, path: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ConfigError(f"{path}: {value!r} is not a fraction strictly between 0 and 1")
+    return float(value)
+
+
+def _jitter(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 0.5:
+        raise ConfigError(f"{path}: {value!r} is not a fraction in [0, 0.5)")
+    return float(value)
+
+
+def _enum(kind: type[Mode] | type[KeyType]) -> Callable[[Any, str], Any]:
+    def parse(value: Any, path: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            choices = ", ".join(k.value for k in kind)
+            raise ConfigError(f"{path}: {value!r} is not one of {choices}") from None
+
+    return parse
+
+
+def _mapping(value: Any, path: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{path}: {value!r} is not a mapping")
+    return dict(value)
+
+
+def _listen(value: Any, path: str) -> ListenConfig:
+    text = _string(value, path)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{path}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9102; port 0 picks a free one)")
+    return ListenConfig(host.strip("[]"), int(port))
+
+
+_CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "provider": _string,
+    "mode": _enum(Mode),
+    "key_type": _enum(KeyType),
+    "workload_ttl": _duration,
+    "intermediate_ttl": _duration,
+    "rotate_after": _fraction,
+    "jitter": _jitter,
+    "provider_options": _mapping,
+}
+_TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins")
+_LISTEN_FIELDS = ("listen",)
+
+
+def _reject_unknown(section: Mapping[str, Any], known: tuple[str, ...] | Mapping[str, Any], prefix: str) -> None:
+    for key in section:
+        if key not in known:
+            matches = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {matches[0]!r}?)" if matches else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+
+
+def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a parsed YAML document. Relative paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: the document must be a mapping, not {type(data).__name__}")
+    _reject_unknown(data, _TOP_FIELDS, "")
+    if "trust_domain" not in data:
+        raise ConfigError("trust_domain: required (e.g. trust_domain: example.org)")
+    try:
+        trust_domain = TrustDomain.parse(_string(data["trust_domain"], "trust_domain"))
+    except InvalidSpiffeIdError as err:
+        raise ConfigError(f"trust_domain: {err}") from None
+    state_dir = base_dir / _string(data.get("state_dir", "mesh-identity-state"), "state_dir")
+    ca_raw = _mapping(data.get("ca"), "ca")
+    _reject_unknown(ca_raw, _CA_FIELDS, "ca.")
+    ca_values = {key: _CA_FIELDS[key](value, f"ca.{key}") for key, value in ca_raw.items()}
+    ca = CaConfig(**ca_values)
+    if ca.workload_ttl >= ca.intermediate_ttl and ca.mode is Mode.INTERMEDIATE:
+        raise ConfigError(
+            f"ca.workload_ttl: {ca_raw.get('workload_ttl', '1h')!r} is not shorter than ca.intermediate_ttl "
+            f"{ca_raw.get('intermediate_ttl', '24h')!r}; a workload certificate cannot outlive its issuer"
+        )
+    listens: dict[str, ListenConfig | None] = {}
+    for section in ("metrics", "xds"):
+        raw = _mapping(data.get(section), section)
+        _reject_unknown(raw, _LISTEN_FIELDS, f"{section}.")
+        listens[section] = _listen(raw["listen"], f"{section}.listen") if "listen" in raw else None
+    mesh_file = base_dir / _string(data["mesh_file"], "mesh_file") if "mesh_file" in data else None
+    return Config(
+        trust_domain=trust_domain,
+        state_dir=state_dir,
+        ca=ca,
+        metrics_listen=listens["metrics"],
+        xds_listen=listens["xds"],
+        mesh_file=mesh_file,
+        plugins=_mapping(data.get("plugins"), "plugins"),
+        source=source,
+    )
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load ``path``, or ``$MESH_IDENTITY_CONFIG``; ConfigError when neither is given or the file is bad."""
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        if not env:
+            raise ConfigError(f"no config: pass --config FILE or set {CONFIG_ENV}")
+        path = Path(env)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {path}: {err.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    return parse_config(data, path.resolve().parent, path)

@@ -1,0 +1,93 @@
+"""Bundled audit plugin: every lifecycle event as one JSON line.
+
+Settings (``plugins.audit`` in the config)::
+
+    plugins:
+      audit:
+        path: /var/log/mesh-identity/audit.jsonl   # default: <state_dir>/audit.jsonl
+        enabled: true
+
+Lines hold who, what, which identity, serial and fingerprint; never key material or tokens (events carry none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, Event, RotationFailed
+from mesh_identity.files import ensure_private_dir
+from plugins import hookimpl
+
+
+class AuditLog:
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def configure(self, settings: Mapping[str, Any]) -> None:
+        own = settings.get("plugins", {}).get("audit") or {}
+        if not own.get("enabled", True):
+            self.path = None
+            return
+        default = Path(settings["state_dir"]) / "audit.jsonl"
+        self.path = Path(own["path"]) if own.get("path") else default
+        ensure_private_dir(self.path.parent)
+
+    def write(self, event: Event) -> None:
+        if self.path is None:
+            return
+        record = {"event": type(event).__name__, **dataclasses.asdict(event)}
+        line = json.dumps(record, default=_plain, sort_keys=True)
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+AUDIT = AuditLog()
+
+
+@hookimpl
+def mesh_identity_configure(settings: Mapping[str, Any]) -> None:
+    AUDIT.configure(settings)
+
+
+@hookimpl
+def mesh_identity_certificate_issued(event: CertificateIssued) -> None:
+    AUDIT.write(event)
+
+
+@hookimpl
+def mesh_identity_certificate_rotated(event: CertificateRotated) -> None:
+    AUDIT.write(event)
+
+
+@hookimpl
+def mesh_identity_rotation_failed(event: RotationFailed) -> None:
+    AUDIT.write(event)
+
+
+@hookimpl
+def mesh_identity_ca_rotated(event: CaRotated) -> None:
+    AUDIT.write(event)
+
+
+@hookimpl
+def mesh_identity_access_denied(event: AccessDenied) -> None:
+    AUDIT.write(event)
