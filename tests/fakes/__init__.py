@@ -1,0 +1,1 @@
+"""Servers for tests that speak the wire APIs of what cannot be installed here (Vault, Kubernetes)."""
