@@ -32,7 +32,7 @@ from mesh_identity.profile import (
 )
 from mesh_identity.provider import CAProvider, Mode, SignedCertificate
 from mesh_identity.spiffe import SpiffeId, TrustDomain
-from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, serial_of, spiffe_ids_of
+from mesh_identity.svid import TrustBundle, X509Svid, certs_pem, fingerprint_of, serial_of, spiffe_ids_of
 from mesh_identity.verify import chain_problem
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,15 @@ class SigningCa:
     chain: tuple[x509.Certificate, ...]
     bundle: TrustBundle
     signer: LeafSigner
+    path: tuple[x509.Certificate, ...] = ()
+    path_pem: bytes = b""
+
+    @classmethod
+    def create(
+        cls, certificate: x509.Certificate, chain: tuple[x509.Certificate, ...], bundle: TrustBundle, key: PrivateKey
+    ) -> SigningCa:
+        path = (certificate, *chain)
+        return cls(certificate, chain, bundle, LeafSigner(certificate, key), path, certs_pem(path))
 
     @property
     def serial(self) -> str:
@@ -126,7 +135,7 @@ class Authority:
         csr = ca_csr(key, self.trust_domain, f"{self.trust_domain.name} mesh-identity intermediate")
         signed = self.provider.sign_intermediate(csr, self.settings.intermediate_ttl)
         cert = self._check_intermediate(signed, key)
-        signing = SigningCa(cert, signed.chain, self._checked_bundle(signed.bundle), LeafSigner(cert, key))
+        signing = SigningCa.create(cert, signed.chain, self._checked_bundle(signed.bundle), key)
         with self._lock:
             old = self._signing
             self._signing = signing
@@ -210,8 +219,9 @@ class Authority:
                 raise IssuanceError("the authority has not started: no signing intermediate yet")
             now = self.clock()
             leaf = signing.signer.sign(public_key, spiffe_id, ttl, now)
-            chain = (signing.certificate, *signing.chain)
+            chain = signing.path
             bundle = self._bundle or signing.bundle
+            pem = {"above": signing.path_pem}
         else:
             if request is None:
                 assert key is not None
@@ -219,7 +229,8 @@ class Authority:
             signed = self.provider.sign_workload(request, spiffe_id, ttl)
             leaf, chain, bundle = self._check_workload(signed, public_key, spiffe_id)
             now = self.clock()
-        svid = X509Svid(spiffe_id, leaf, chain, key, bundle, self.provider.name)
+            pem = {}
+        svid = X509Svid(spiffe_id, leaf, chain, key, bundle, self.provider.name, pem)
         self.events.emit(
             CertificateIssued(
                 subject=str(spiffe_id),

@@ -145,7 +145,9 @@ class X509Svid:
         """Leaf followed by the intermediates, PEM: what a TLS server or client presents."""
         cached = self._pem.get("chain")
         if cached is None:
-            cached = self._pem["chain"] = certs_pem((self.leaf, *self.chain))
+            above = self._pem.get("above")  # the issuer's chain, PEM-encoded once by whoever issued
+            cached = cert_pem(self.leaf) + (above if above is not None else certs_pem(self.chain))
+            self._pem["chain"] = cached
         return cached
 
     def key_pem(self) -> bytes:

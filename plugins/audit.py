@@ -39,7 +39,6 @@ class AuditLog:
             return
         default = Path(settings["state_dir"]) / "audit.jsonl"
         self.path = Path(own["path"]) if own.get("path") else default
-        ensure_private_dir(self.path.parent)
 
     def write(self, event: Event) -> None:
         if self.path is None:
@@ -47,6 +46,7 @@ class AuditLog:
         record = {"event": type(event).__name__, **dataclasses.asdict(event)}
         line = json.dumps(record, default=_plain, sort_keys=True)
         with self._lock:
+            ensure_private_dir(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")

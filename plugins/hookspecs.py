@@ -50,37 +50,57 @@ def mesh_identity_configure(settings: Mapping[str, Any]) -> None:
 
     :param settings: ``{"trust_domain": str, "state_dir": pathlib.Path, "plugins": {name: {...}}}`` where
         ``plugins`` is the config file's ``plugins`` section (each plugin reads its own key).
-    Called for every plugin.
+    Called for every plugin; the return value is ignored.
     """
     raise NotImplementedError
 
 
 @hookspec
 def mesh_identity_certificate_issued(event: CertificateIssued) -> None:
-    """A workload, intermediate or root certificate was issued. Called for every plugin."""
+    """A workload, intermediate or root certificate was issued.
+
+    :param event: subject, kind, serial, fingerprint, NotAfter (from the certificate), provider, requester.
+    Called for every plugin; the return value is ignored.
+    """
     raise NotImplementedError
 
 
 @hookspec
 def mesh_identity_certificate_rotated(event: CertificateRotated) -> None:
-    """A certificate was replaced by a new one. Called for every plugin, after ``certificate_issued``."""
+    """A certificate was replaced by a new one (with a new key).
+
+    :param event: subject, kind, old and new serial, the new NotAfter, provider.
+    Called for every plugin, after ``certificate_issued`` for the new certificate; the return value is ignored.
+    """
     raise NotImplementedError
 
 
 @hookspec
 def mesh_identity_rotation_failed(event: RotationFailed) -> None:
-    """A renewal failed; ``event.severity`` is ``error`` once expiry is near. Called for every plugin."""
+    """A renewal failed.
+
+    :param event: subject, error, attempt number, next attempt, current expiry; ``event.severity`` is
+        ``error`` once the current certificate is close to expiry, ``warning`` before.
+    Called for every plugin; the return value is ignored.
+    """
     raise NotImplementedError
 
 
 @hookspec
 def mesh_identity_ca_rotated(event: CaRotated) -> None:
-    """A CA changed: new intermediate, or a root rotation phase. Called for every plugin."""
+    """A CA changed: a new intermediate, or a root rotation phase (prepared, activated, retired).
+
+    :param event: kind, phase, old and new fingerprints, provider.
+    Called for every plugin; the return value is ignored.
+    """
     raise NotImplementedError
 
 
 @hookspec
 def mesh_identity_access_denied(event: AccessDenied) -> None:
-    """A peer asked for something it is not entitled to (another identity's secret). Called for every
-    plugin."""
+    """A peer asked for something it is not entitled to (e.g. another identity's secret over SDS).
+
+    :param event: the peer's authenticated SPIFFE ID, the resource it asked for, and why it was refused.
+    Called for every plugin; the return value is ignored.
+    """
     raise NotImplementedError

@@ -33,11 +33,11 @@ def config_of(args: argparse.Namespace) -> Config:
 def runtime(args: argparse.Namespace, *, create: bool, start: bool = True) -> Runtime:
     config = config_of(args)
     plugins = load_plugins(args)
+    spec = plugins.provider(config.ca.provider)
+    options = plugins.validate_provider_options(spec.name, config.ca.provider_options)
     plugins.configure(
         {"trust_domain": config.trust_domain.name, "state_dir": config.state_dir, "plugins": config.plugins}
     )
-    spec = plugins.provider(config.ca.provider)
-    options = plugins.validate_provider_options(spec.name, config.ca.provider_options)
     provider = build_provider(config, spec, options, create=create)
     authority = build_authority(config, provider, events=plugins)
     if start:

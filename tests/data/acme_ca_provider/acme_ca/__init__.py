@@ -1,0 +1,1 @@
+"""A third-party CA provider: signs every workload directly with an in-memory root (per-workload only)."""
