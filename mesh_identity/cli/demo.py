@@ -63,7 +63,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         listener = socket.create_server(("127.0.0.1", 0))
         seen: dict[str, str] = {}
 
-        def serve(listener: socket.socket = listener, svid: X509Svid = server_svid, seen: dict[str, str] = seen) -> None:
+        def serve(
+            listener: socket.socket = listener, svid: X509Svid = server_svid, seen: dict[str, str] = seen
+        ) -> None:
             conn, _ = listener.accept()
             with _context(svid, state / "payments", server=True).wrap_socket(conn, server_side=True) as tls:
                 seen["server saw"] = _peer(tls)
