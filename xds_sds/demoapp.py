@@ -1,0 +1,117 @@
+"""A small HTTP app for the demo mesh and the end-to-end tests (stdlib ``http.server``, in a thread).
+
+It listens in plaintext on loopback, behind its sidecar, and answers JSON:
+
+* ``GET /`` -> ``{"service": ..., "peer": <caller's SPIFFE ID>, "xfcc": <raw header>}``; the caller's SPIFFE ID
+  comes from the ``x-forwarded-client-cert`` header that the sidecar sets from the verified client certificate.
+* ``GET /call/<upstream>`` -> the same, plus ``"upstream"``: what ``<upstream>`` answered when this app called
+  it through its own sidecar's outbound listener (so one request shows both hops). A failed call answers 502.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from mesh_identity.mesh import Address
+
+XFCC = "x-forwarded-client-cert"
+
+
+def peer_from_xfcc(value: str | None) -> str | None:
+    """The ``URI`` of the last element of an XFCC header (the hop closest to us), or None."""
+    if not value:
+        return None
+    last = value.split(",")[-1]
+    for pair in last.split(";"):
+        key, _, item = pair.strip().partition("=")
+        if key.lower() == "uri":
+            return item.strip('"') or None
+    return None
+
+
+def get_json(address: Address, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """``GET http://address/path`` and parse the JSON answer."""
+    connection = http.client.HTTPConnection(address.host, address.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(body) if body else None
+    except ValueError:
+        return response.status, body.decode(errors="replace")
+
+
+class DemoApp:
+    """The app of one service. ``upstreams`` maps an upstream service name to its outbound listener address."""
+
+    def __init__(self, service: str, address: Address, upstreams: Mapping[str, Address] | None = None) -> None:
+        self.service = service
+        self.upstreams = dict(upstreams or {})
+        self._httpd = ThreadingHTTPServer((address.host, address.port), _handler(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> Address:
+        host, port = self._httpd.server_address[:2]
+        return Address(str(host), int(port))
+
+    def start(self) -> DemoApp:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"app-{self.service}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> DemoApp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _handler(app: DemoApp) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            xfcc = self.headers.get(XFCC)
+            answer: dict[str, Any] = {"service": app.service, "peer": peer_from_xfcc(xfcc), "xfcc": xfcc}
+            status = 200
+            if self.path.startswith("/call/"):
+                upstream = self.path.removeprefix("/call/")
+                target = app.upstreams.get(upstream)
+                if target is None:
+                    status, answer["error"] = 404, f"{app.service} has no upstream {upstream!r}"
+                else:
+                    try:
+                        code, answer["upstream"] = get_json(target, "/")
+                    except OSError as err:
+                        code, answer["error"] = 502, f"calling {upstream}: {err}"
+                    if code != 200:
+                        status = 502
+            elif self.path != "/":
+                status, answer["error"] = 404, f"no such path {self.path!r}"
+            body = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    return Handler
