@@ -254,6 +254,7 @@ def _check_references(mesh: Mesh) -> None:
                 if address in binds:
                     raise ConfigError(f"{path}.{key}: {address} is already used by {binds[address]}")
                 binds[address] = f"{path}.{key}"
+    for name, service in mesh.services.items():
         seen: set[str] = set()
         for i, upstream in enumerate(service.upstreams):
             path = f"services.{name}.upstreams[{i}]"
@@ -280,7 +281,8 @@ def parse_mesh(data: Any, trust_domain: TrustDomain) -> Mesh:
         data = {}
     document = _mapping(data, "mesh")
     _keys(document, ("services",), (), "mesh")
-    raw_services = _mapping(document.get("services") or {}, "services")
+    raw = document.get("services")
+    raw_services = _mapping({} if raw is None else raw, "services")
     services = {name: _service(name, value, f"services.{name}", trust_domain) for name, value in raw_services.items()}
     mesh = Mesh(trust_domain, MappingProxyType(services))
     _check_references(mesh)

@@ -25,15 +25,23 @@ class PeerError(Exception):
     """The peer of a stream cannot be identified (no certificate, no single SPIFFE ID)."""
 
 
-def peer_identity(auth_context: Mapping[str, list[bytes]]) -> SpiffeId:
-    """The SPIFFE ID of the peer certificate that the TLS handshake verified."""
+def peer_certificate(auth_context: Mapping[str, list[bytes]]) -> x509.Certificate:
+    """The client certificate that the TLS handshake verified."""
     pems = auth_context.get("x509_pem_cert") or []
     if not pems:
         raise PeerError("the peer presented no client certificate")
     try:
-        cert = x509.load_pem_x509_certificate(pems[0])
+        return x509.load_pem_x509_certificate(pems[0])
     except ValueError as err:
         raise PeerError(f"the peer certificate cannot be read ({err})") from None
+
+
+def peer_identity(auth_context: Mapping[str, list[bytes]]) -> SpiffeId:
+    """The SPIFFE ID of the peer certificate that the TLS handshake verified."""
+    return identity_of(peer_certificate(auth_context))
+
+
+def identity_of(cert: x509.Certificate) -> SpiffeId:
     try:
         return spiffe_id_of(cert)
     except (ValueError, InvalidSpiffeIdError) as err:

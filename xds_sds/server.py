@@ -27,8 +27,9 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf.message import DecodeError, Message
 
 from mesh_identity.events import EventSink, NullSink
+from mesh_identity.svid import serial_of
 from xds_sds.acks import AckTracker
-from xds_sds.auth import Authorizer, PeerError, peer_identity
+from xds_sds.auth import Authorizer, PeerError, identity_of, peer_certificate
 from xds_sds.cache import SnapshotCache
 from xds_sds.credentials import ServerTls
 from xds_sds.delta import DeltaStream
@@ -66,6 +67,7 @@ class StreamInfo:
     identity: str
     peer: str
     service: str
+    serial: str
 
 
 class DiscoveryServer:
@@ -241,7 +243,7 @@ class DiscoveryServer:
                         cancel_watch = self.cache.watch(session.node_id, changed)
                         with self._streams_lock:
                             self._streams[key] = StreamInfo(
-                                session.node_id, str(session.identity), session.peer, service
+                                session.node_id, str(session.identity), session.peer, service, session.serial
                             )
                 for response in protocol.responses():
                     await context.write(response)
@@ -283,13 +285,14 @@ class DiscoveryServer:
 
     async def _open_session(self, context: grpc.aio.ServicerContext[Req, Resp], fixed_type: str | None) -> Session:
         try:
-            identity = peer_identity(context.auth_context())
+            cert = peer_certificate(context.auth_context())
+            identity = identity_of(cert)
         except PeerError as err:
             self.metrics.refused.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
             log.warning("refused stream from %s: %s", context.peer(), err)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
             raise  # abort() raises; this line is never reached
-        return Session(self.env, identity, context.peer(), fixed_type)
+        return Session(self.env, identity, context.peer(), fixed_type, serial_of(cert))
 
 
 class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]

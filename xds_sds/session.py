@@ -49,10 +49,13 @@ class Env:
 class Session:
     """One stream's peer and node, with the checks and bookkeeping common to both protocol variants."""
 
-    def __init__(self, env: Env, identity: SpiffeId, peer: str, fixed_type: str | None = None) -> None:
+    def __init__(
+        self, env: Env, identity: SpiffeId, peer: str, fixed_type: str | None = None, serial: str = ""
+    ) -> None:
         self.env = env
         self.identity = identity
         self.peer = peer
+        self.serial = serial
         self.fixed_type = fixed_type
         self.node_id: str | None = None
         self._nonce = 0

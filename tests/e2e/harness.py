@@ -299,6 +299,20 @@ class RunningMesh:
             timeout,
         )
 
+    def stop_control_plane(self) -> None:
+        self.xds.stop(None)
+
+    def start_control_plane(self) -> XdsServer:
+        """A new xDS server on the same address, fed what a restarted ``serve`` would know; then started."""
+        server_svid = self.issuer.issue(self.xds.server_identity)
+        restarted = XdsServer(self.mesh, server_svid, address=self.xds.address)
+        restarted.update_bundle(self.issuer.bundle())
+        for svid in self.svids.values():
+            restarted.update_identity(svid)
+        self.xds = restarted
+        restarted.start()
+        return restarted
+
     def start_sidecar(self, node: str) -> Envoy:
         found = self.mesh.instance(node)
         assert found is not None, node

@@ -17,7 +17,6 @@ from mesh_identity.mesh import Address
 from mesh_identity.svid import X509Svid
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer, builtin_authority
 from tests.e2e.harness import RunningMesh, loopback_mesh, start_mesh, wait_until
-from xds_sds.control_plane import XdsServer
 from xds_sds.core import pack, socket_address
 from xds_sds.demoapp import get_json
 from xds_sds.typeurls import LISTENER
@@ -174,11 +173,9 @@ def test_rotation_under_traffic_has_zero_failures_and_no_restart(running: Runnin
 def test_control_plane_restart_envoys_reconnect_and_traffic_continues(running: RunningMesh) -> None:
     nodes = set(running.mesh.nodes())
     wait_until(lambda: running.xds.connected_nodes() == nodes, "every sidecar to be connected")
-    address = running.xds.address
-    server_svid = running.issuer.issue(running.xds.server_identity)
     with RequestLoop(running) as loop:
         loop.wait_for(10)
-        running.xds.stop(None)
+        running.stop_control_plane()
         for envoy in running.sidecars.values():
             wait_until(
                 lambda e=envoy: e.stats("control_plane.connected_state").get("control_plane.connected_state") == 0,
@@ -186,12 +183,7 @@ def test_control_plane_restart_envoys_reconnect_and_traffic_continues(running: R
             )
         loop.wait_for(10)  # the sidecars keep their config while the control plane is down
 
-        restarted = XdsServer(running.mesh, server_svid, address=address)
-        restarted.update_bundle(running.issuer.bundle())
-        for svid in running.svids.values():
-            restarted.update_identity(svid)
-        running.xds = restarted
-        restarted.start()
+        restarted = running.start_control_plane()
         wait_until(lambda: restarted.connected_nodes() == nodes, "every sidecar to reconnect")
         # resynced: a rotation after the restart reaches the sidecar
         new_backend = running.rotate("backend")
