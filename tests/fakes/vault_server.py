@@ -7,10 +7,10 @@ parts of Vault's documented HTTP API that a PKI client uses, with Vault's respon
 (``{"errors": [...]}``):
 
 * ``sys/health`` (200 active, 429 standby, 501 not initialised, 503 sealed, and the ``*code`` query
-  parameters), ``sys/seal-status``, ``sys/mounts/:path`` (enable, tune, disable a ``pki`` engine),
+  parameters), ``sys/seal-status``, ``sys/capabilities-self``, ``sys/mounts/:path`` (enable, tune, disable a ``pki`` engine),
   ``sys/auth/:path`` (enable ``approle`` or ``kubernetes``), ``sys/policy/:name`` (HCL or JSON policies).
 * Token auth: ``auth/token/lookup-self``, ``renew-self`` (Vault's max-TTL capping and warning),
-  ``revoke-self``, ``create``. Tokens expire on the wall clock, renewable or not, with a max TTL.
+  ``revoke-self``, ``revoke``, ``create``. Tokens expire on the wall clock, renewable or not, with a max TTL.
 * AppRole (``auth/:mount/role/:name``, ``role-id``, ``secret-id``, ``login``) and Kubernetes auth
   (``auth/:mount/config``, ``role/:name``, ``login`` with a service-account JWT made by
   :meth:`VaultServer.service_account_jwt`; this server plays the Kubernetes TokenReview itself).
@@ -980,8 +980,12 @@ class VaultServer:
         renewable: bool = True,
         explicit_max_ttl: int = 0,
         namespace: str = "",
+        no_default_policy: bool = False,
     ) -> str:
-        """A service token; ``ttl=0`` makes one that never expires (only sensible for root-like tokens)."""
+        """A service token with ``policies`` (and ``default``, as Vault adds it unless ``no_default_policy``);
+        ``ttl=0`` makes one that never expires (only sensible for root-like tokens)."""
+        if not no_default_policy and "root" not in policies:
+            policies = ("default", *policies)
         with self._lock:
             self._namespace(namespace)
             return self._new_token(
@@ -1161,10 +1165,6 @@ class VaultServer:
         token = self._valid_token(req.token)
         if not _within(token.namespace, ns.name):
             raise _denied()
-        if "root" in token.policies:
-            return token
-        relative = ns.name[len(token.namespace) :].strip("/") if token.namespace else ns.name
-        path = f"{relative}/{req.rel}" if relative else req.rel
         needed = {
             "GET": {"read"},
             "HEAD": {"read"},
@@ -1176,15 +1176,24 @@ class VaultServer:
         }.get(req.method, set())
         if "list" in req.query and req.method == "GET":
             needed = {"list"}
+        granted = self._capabilities(token, ns, req.rel)
+        if "root" not in granted and ("deny" in granted or not granted & needed):
+            raise _denied()
+        return token
+
+    def _capabilities(self, token: Token, ns: Namespace, rel: str) -> set[str]:
+        """What ``token``'s policies grant on ``rel`` in namespace ``ns`` (``{"root"}`` for a root token)."""
+        if "root" in token.policies:
+            return {"root"}
+        relative = ns.name[len(token.namespace) :].strip("/") if token.namespace else ns.name
+        path = f"{relative}/{rel}" if relative else rel
         home = self._namespaces[token.namespace]
         granted: set[str] = set()
         for name in token.policies:
             for pattern, caps in home.policies.get(name, []):
                 if _acl_match(pattern, path):
                     granted |= caps
-        if "deny" in granted or not granted & needed:
-            raise _denied()
-        return token
+        return {"deny"} if "deny" in granted else granted
 
     # internals: request handling
 
@@ -1305,8 +1314,16 @@ class VaultServer:
 
     def _sys(self, req: Request, ns: Namespace) -> Response:
         with self._lock:
-            self._authorize(req, ns)
+            token = self._authorize(req, ns)
             parts = req.rel.split("/")
+            if req.rel == "sys/capabilities-self" and req.method in ("POST", "PUT"):
+                paths = parse_list(req.body.get("paths") or req.body.get("path"), "paths")
+                data: dict[str, Any] = {
+                    p: sorted(self._capabilities(token, ns, p.strip("/")) or {"deny"}) for p in paths
+                }
+                if len(paths) == 1:
+                    data["capabilities"] = data[paths[0]]
+                return _envelope(data)
             if parts[1] == "mounts" and len(parts) >= 3:
                 return self._sys_mounts(req, ns, parts)
             if parts[1] == "auth" and len(parts) >= 3:
@@ -1376,6 +1393,9 @@ class VaultServer:
                 return self._renew(token, req.body.get("increment"), now)
             if op == "revoke-self" and req.method in ("POST", "PUT"):
                 self._tokens.pop(token.id, None)
+                return _no_content()
+            if op == "revoke" and req.method in ("POST", "PUT"):
+                self._tokens.pop(parse_string(req.body.get("token"), "token"), None)
                 return _no_content()
             if op in ("create", "create-orphan") and req.method in ("POST", "PUT"):
                 return self._create_token(req, ns, token, orphan=op == "create-orphan")

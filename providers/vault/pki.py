@@ -1,0 +1,268 @@
+"""Vault's PKI secrets engine as the provider uses it: signing, reading the CA chain and a role.
+
+Answers are parsed here into certificates (never trusted as text), and Vault's 400/404 answers become errors that
+name the mount, the role and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from mesh_identity.errors import ProviderError, ProviderRejectedError
+from providers.vault.connection import NAME, Connection
+from providers.vault.errors import VaultMountError, VaultRequestError, VaultRoleError, VaultTtlError
+
+T = TypeVar("T")
+
+_ROLE_REFUSALS = (
+    "not allowed by this role",
+    "not valid for this role",
+    "not allowed in this role",
+    "role requires",
+    "common_name field is required",
+    'role key type "any"',
+    "unsafe and not supported",
+)
+
+
+def seconds(ttl: timedelta) -> str:
+    return f"{max(1, int(ttl.total_seconds()))}s"
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def parse_certs(texts: Sequence[str] | str | None, what: str) -> list[x509.Certificate]:
+    """PEM certificates from a string or a list of strings (Vault uses both)."""
+    if not texts:
+        return []
+    joined = texts if isinstance(texts, str) else "\n".join(texts)
+    if "-----BEGIN CERTIFICATE-----" not in joined:
+        return []
+    try:
+        return list(x509.load_pem_x509_certificates(joined.encode()))
+    except ValueError as err:
+        raise ProviderRejectedError(NAME, f"Vault returned {what} that is not valid PEM: {err}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """What a sign call returned: the certificate, Vault's CA chain (issuing CA first) and its warnings."""
+
+    certificate: x509.Certificate
+    ca_chain: tuple[x509.Certificate, ...]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """The parts of a PKI role the provider checks."""
+
+    name: str
+    allowed_uri_sans: tuple[str, ...]
+    max_ttl: timedelta | None
+    ttl: timedelta | None
+    key_type: str
+    key_bits: int
+    require_cn: bool
+    use_csr_sans: bool
+    use_csr_common_name: bool
+    allow_any_name: bool
+    enforce_hostnames: bool
+
+    @classmethod
+    def from_data(cls, name: str, data: dict[str, Any]) -> Role:
+        def duration(value: Any) -> timedelta | None:
+            return timedelta(seconds=int(value)) if isinstance(value, int | float) and value > 0 else None
+
+        uris = data.get("allowed_uri_sans") or []
+        return cls(
+            name=name,
+            allowed_uri_sans=tuple(uris.split(",") if isinstance(uris, str) else uris),
+            max_ttl=duration(data.get("max_ttl")),
+            ttl=duration(data.get("ttl")),
+            key_type=str(data.get("key_type") or "rsa"),
+            key_bits=int(data.get("key_bits") or 0),
+            require_cn=bool(data.get("require_cn", True)),
+            use_csr_sans=bool(data.get("use_csr_sans", True)),
+            use_csr_common_name=bool(data.get("use_csr_common_name", True)),
+            allow_any_name=bool(data.get("allow_any_name", False)),
+            enforce_hostnames=bool(data.get("enforce_hostnames", True)),
+        )
+
+
+class Pki:
+    """One PKI mount, through a :class:`Connection`. ``run`` wraps each call (token handling, retries)."""
+
+    def __init__(self, connection: Connection, mount: str, run: Callable[[str, Callable[[], T]], T]) -> None:
+        self.connection = connection
+        self.mount = mount
+        self._run: Callable[[str, Callable[[], Any]], Any] = run
+
+    @property
+    def _where(self) -> str:
+        return f"mount {self.mount!r}{self.connection.settings.namespace_label}"
+
+    def _call(
+        self, what: str, function: Callable[[], Any], role: str | None = None, ttl: str = "", *, token: bool = True
+    ) -> Any:
+        """Run an hvac call (with a valid token unless ``token`` is False: the CA endpoints need none)."""
+        try:
+            return self._run(what, function) if token else self.connection.call(what, function)
+        except VaultRequestError as err:
+            raise self._refine(err, role, ttl) from err
+
+    def _refine(self, err: VaultRequestError, role: str | None, ttl: str) -> ProviderError:
+        """Name the mount, the role and the fix in Vault's 4xx answers."""
+        says = "; ".join(err.errors) or "no error text"
+        what, where = err.what, self._where
+        if err.status == 404 and ("no handler for route" in says or "unsupported path" in says):
+            return VaultMountError(
+                NAME,
+                f"{what}: no PKI secrets engine is mounted at {where}; enable one (vault secrets enable "
+                f"-path={self.mount} pki) or fix pki_mount",
+            )
+        if "no default issuer" in says:
+            return VaultMountError(NAME, f"{what}: {where} has no CA ({says}); generate or import one into it")
+        if says.startswith("unknown role"):
+            return VaultRoleError(
+                NAME, f"{what}: PKI role {role!r} does not exist on {where}; create it or fix pki_role"
+            )
+        if "TTL" in says or 'field "ttl"' in says or "notAfter" in says:
+            return VaultTtlError(
+                NAME, f"{what}: Vault refused the TTL {ttl} ({says}); ask for a shorter TTL or renew the CA of {where}"
+            )
+        if any(refusal in says for refusal in _ROLE_REFUSALS):
+            return VaultRoleError(NAME, f"{what}: role {role!r} on {where} refused it: {says}; {_hint(says)}")
+        return err
+
+    # -- reads ----------------------------------------------------------------------------------------------
+
+    def ca_chain(self) -> list[x509.Certificate]:
+        """The mount's CA chain, issuing CA first (``ca_chain``; ``ca/pem`` on Vaults that return it empty)."""
+        client = self.connection.client
+        what = f"read the CA chain of {self._where}"
+        text = self._call(
+            what, lambda: client.secrets.pki.read_ca_certificate_chain(mount_point=self.mount), token=False
+        )
+        chain = parse_certs(text, "a CA chain")
+        if not chain:
+            text = self._call(what, lambda: client.secrets.pki.read_ca_certificate(mount_point=self.mount), token=False)
+            chain = parse_certs(text, "a CA certificate")
+        if not chain:
+            raise VaultMountError(NAME, f"{what}: {self._where} returned no CA certificate; generate or import one")
+        return chain
+
+    def role(self, name: str) -> Role:
+        client = self.connection.client
+        what = f"read PKI role {name!r} of {self._where}"
+        try:
+            answer = self._run(what, lambda: client.secrets.pki.read_role(name, mount_point=self.mount))
+        except VaultRequestError as err:
+            if err.status == 404 and not err.errors:
+                raise VaultRoleError(NAME, f"{what}: it does not exist; create it or fix pki_role") from err
+            raise self._refine(err, name, "") from err
+        return Role.from_data(name, answer["data"])
+
+    def mount_max_ttl(self) -> timedelta | None:
+        """The mount's max lease TTL, when the token may read ``sys/mounts/<mount>/tune`` (else None)."""
+        client = self.connection.client
+        try:
+            answer = self._run("read the mount's TTLs", lambda: client.sys.read_mount_configuration(self.mount))
+        except ProviderError:
+            return None
+        data = answer.get("data") or answer
+        value = data.get("max_lease_ttl")
+        return timedelta(seconds=int(value)) if isinstance(value, int) and value > 0 else None
+
+    # -- signing --------------------------------------------------------------------------------------------
+
+    def sign_intermediate(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> Signed:
+        """``<mount>/root/sign-intermediate`` with the CSR's subject and URI SANs, path length 0."""
+        subject = csr.subject
+        params: dict[str, Any] = {
+            "ttl": seconds(ttl),
+            "format": "pem",
+            "max_path_length": 0,
+            "exclude_cn_from_sans": True,
+            "organization": ",".join(_values(subject, NameOID.ORGANIZATION_NAME)),
+            "ou": ",".join(_values(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)),
+            "uri_sans": ",".join(_csr_uris(csr)),
+        }
+        common_name = ",".join(_values(subject, NameOID.COMMON_NAME))
+        client = self.connection.client
+        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        answer = self._call(
+            f"sign the intermediate CA CSR at {self.mount}/root/sign-intermediate",
+            lambda: client.secrets.pki.sign_intermediate(pem, common_name, extra_params=params, mount_point=self.mount),
+            ttl=seconds(ttl),
+        )
+        return self._signed(answer, "the intermediate")
+
+    def sign_workload(
+        self, csr: x509.CertificateSigningRequest, spiffe_id: str, ttl: timedelta, role: str, common_name: str
+    ) -> Signed:
+        """``<mount>/sign/<role>`` with the SPIFFE ID as URI SAN."""
+        params: dict[str, Any] = {
+            "ttl": seconds(ttl),
+            "format": "pem",
+            "uri_sans": spiffe_id,
+            "exclude_cn_from_sans": True,
+        }
+        client = self.connection.client
+        pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+        answer = self._call(
+            f"sign {spiffe_id} at {self.mount}/sign/{role}",
+            lambda: client.secrets.pki.sign_certificate(
+                role, pem, common_name, extra_params=params, mount_point=self.mount
+            ),
+            role=role,
+            ttl=seconds(ttl),
+        )
+        return self._signed(answer, f"the certificate for {spiffe_id}")
+
+    def _signed(self, answer: dict[str, Any], what: str) -> Signed:
+        data = answer.get("data") or {}
+        certs = parse_certs(data.get("certificate"), what)
+        if not certs:
+            raise ProviderRejectedError(NAME, f"Vault's answer for {what} holds no certificate")
+        chain = parse_certs(data.get("ca_chain"), "a CA chain") or parse_certs(data.get("issuing_ca"), "an issuing CA")
+        warnings = answer.get("warnings") or []
+        return Signed(certs[0], tuple(chain), tuple(str(w) for w in warnings))
+
+
+def _values(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
+    return [str(a.value) for a in name.get_attributes_for_oid(oid)]
+
+
+def _csr_uris(csr: x509.CertificateSigningRequest) -> list[str]:
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _hint(vault_says: str) -> str:
+    if "URI Subject Alternative Names" in vault_says:
+        return "allow our SPIFFE IDs with allowed_uri_sans (e.g. spiffe://<trust domain>/*) on the role"
+    if "role requires" in vault_says:
+        return "set key_type=any on the role, or a ca.key_type the role accepts"
+    if "common_name" in vault_says:
+        return "set require_cn=false on the role, or set common_name in the provider options"
+    return "change the role, or what is requested"
