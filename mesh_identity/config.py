@@ -30,7 +30,7 @@ from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
 from mesh_identity.keys import KeyType
 from mesh_identity.provider import Mode
-from mesh_identity.spiffe import TrustDomain
+from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 CONFIG_ENV = "MESH_IDENTITY_CONFIG"
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -67,6 +67,7 @@ class Config:
     mesh_file: Path | None = None
     plugins: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
+    identities: tuple[SpiffeId, ...] = ()
 
 
 # -- field parsers: each takes the value and its key path, returns the parsed value or raises ConfigError ----
@@ -134,8 +135,31 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "jitter": _jitter,
     "provider_options": _mapping,
 }
-_TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins")
+_TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities")
 _LISTEN_FIELDS = ("listen",)
+
+
+def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
+    """The ``identities`` list: SPIFFE IDs of the trust domain, each once (until the mesh file lists them)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"identities: {value!r} is not a list of SPIFFE IDs")
+    found: dict[SpiffeId, None] = {}
+    for index, item in enumerate(value):
+        path = f"identities[{index}]"
+        try:
+            spiffe_id = SpiffeId.parse(_string(item, path))
+        except InvalidSpiffeIdError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        if spiffe_id.trust_domain != trust_domain:
+            raise ConfigError(f"{path}: {spiffe_id} is not in trust domain {trust_domain}")
+        if not spiffe_id.path:
+            raise ConfigError(f"{path}: {spiffe_id} has no path; a workload identity needs one")
+        if spiffe_id in found:
+            raise ConfigError(f"{path}: {spiffe_id} is listed twice")
+        found[spiffe_id] = None
+    return tuple(found)
 
 
 def _reject_unknown(section: Mapping[str, Any], known: tuple[str, ...] | Mapping[str, Any], prefix: str) -> None:
@@ -182,6 +206,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         mesh_file=mesh_file,
         plugins=_mapping(data.get("plugins"), "plugins"),
         source=source,
+        identities=_identities(data.get("identities"), trust_domain),
     )
 
 

@@ -1,0 +1,336 @@
+"""Root rotation with no downtime: prepare -> activate -> retire, each step taken on evidence.
+
+* **prepare**: the provider creates the next root and adds it to the trust bundle; the engine serves the new
+  bundle. The current root keeps signing.
+* **activate**: refused until every proxy has acknowledged a bundle holding every root (asked of an
+  :class:`AckSource`, which the xDS server implements). Then the new root signs: a new intermediate from it, and
+  every identity renewed at once.
+* **retire**: refused while anything still needs an old root: an identity whose current leaf chains to it, the
+  signing intermediate, or a proxy whose acknowledged certificate chains to it. Then the old roots leave the
+  bundle.
+
+The phase is the provider's (it persists it; a restart resumes). The new root is the newest one in the
+bundle (latest NotBefore).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from mesh_identity.clock import Clock, utcnow
+from mesh_identity.errors import RotationError
+from mesh_identity.events import CaRotated, CertKind, EventSink, NullSink
+from mesh_identity.provider import CAProvider
+from mesh_identity.rotation.engine import RotationEngine
+from mesh_identity.spiffe import SpiffeId
+from mesh_identity.svid import Fingerprint, TrustBundle, fingerprint_of, serial_of
+
+PHASES = ("steady", "prepared", "activated")
+NEXT_COMMAND = {"steady": "prepare", "prepared": "activate", "activated": "retire"}
+_SHOWN = 5
+
+
+class AckSource(Protocol):
+    """What the proxies have applied, as the xDS server knows it from their ACKs.
+
+    Fingerprints are SHA-256 fingerprints of root certificates, lowercase hex
+    (:func:`mesh_identity.svid.fingerprint_of`). Proxies are named as the xDS server knows them (node ids).
+    """
+
+    def proxies_missing_bundle(self, fingerprints: frozenset[str]) -> Sequence[str]:
+        """Connected proxies whose last acknowledged trust bundle lacks one of the roots ``fingerprints``."""
+        ...
+
+    def proxies_chaining_to(self, fingerprints: frozenset[str]) -> Sequence[str]:
+        """Connected proxies whose last acknowledged certificate chains to one of the roots ``fingerprints``
+        (:func:`root_of` tells which root a certificate chains to)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RootInfo:
+    serial: str
+    fingerprint: Fingerprint
+    not_before: datetime
+    not_after: datetime
+    signing: bool
+    leaves: int
+
+
+@dataclass(frozen=True, slots=True)
+class RootEvidence:
+    """Which root is where. ``leaves_by_root`` maps a root fingerprint to the identities whose current leaf
+    chains to it (key ``""``: to no root of the bundle). The proxy lists are None without an ack source."""
+
+    phase: str
+    roots: tuple[RootInfo, ...]
+    new_root: Fingerprint | None
+    signing_root: str | None
+    leaves_by_root: Mapping[str, tuple[SpiffeId, ...]]
+    proxies_missing_bundle: tuple[str, ...] | None
+    proxies_on_old_roots: tuple[str, ...] | None
+    next_step: str
+
+
+def root_of(cert: x509.Certificate, roots: Iterable[x509.Certificate]) -> Fingerprint | None:
+    """The fingerprint of the root among ``roots`` that is ``cert`` or signed it directly; None if none."""
+    fingerprint = fingerprint_of(cert)
+    candidates = list(roots)
+    for root in candidates:
+        if fingerprint_of(root) == fingerprint:
+            return fingerprint
+    for root in candidates:
+        if root.subject != cert.issuer:
+            continue
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return fingerprint_of(root)
+    return None
+
+
+def _top(leaf: x509.Certificate, chain: tuple[x509.Certificate, ...]) -> x509.Certificate:
+    return chain[-1] if chain else leaf
+
+
+class RootRotation:
+    """Drives the root rotation phases of the engine's provider. One step at a time (a lock serialises them)."""
+
+    def __init__(
+        self,
+        engine: RotationEngine,
+        *,
+        events: EventSink | None = None,
+        acks: AckSource | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.authority = engine.authority
+        self.events: EventSink = events or NullSink()
+        self.acks = acks
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    @property
+    def provider(self) -> CAProvider:
+        return self.authority.provider
+
+    def phase(self) -> str:
+        return self.provider.root_phase()
+
+    # -- evidence ------------------------------------------------------------------------------------------
+
+    def evidence(self) -> RootEvidence:
+        phase = self.phase()
+        bundle = self.engine.bundles.current() or self.authority.bundle()
+        roots = bundle.authorities
+        new_root = _newest(bundle) if phase != "steady" else None
+        signing_root = self._signing_root(bundle, phase, new_root)
+        leaves = self._leaves_by_root(roots)
+        old = self._old_roots(bundle, new_root)
+        missing = on_old = None
+        if self.acks is not None:
+            missing = tuple(self.acks.proxies_missing_bundle(frozenset(bundle.fingerprints)))
+            on_old = tuple(self.acks.proxies_chaining_to(old)) if phase == "activated" and old else ()
+        infos = tuple(
+            RootInfo(
+                serial=serial_of(root),
+                fingerprint=fingerprint_of(root),
+                not_before=root.not_valid_before_utc,
+                not_after=root.not_valid_after_utc,
+                signing=fingerprint_of(root) == signing_root,
+                leaves=len(leaves.get(fingerprint_of(root), ())),
+            )
+            for root in roots
+        )
+        evidence = RootEvidence(phase, infos, new_root, signing_root, leaves, missing, on_old, "")
+        return RootEvidence(phase, infos, new_root, signing_root, leaves, missing, on_old, self._next_step(evidence))
+
+    def _signing_root(self, bundle: TrustBundle, phase: str, new_root: Fingerprint | None) -> str | None:
+        signing = self.authority.signing_ca
+        if signing is not None:
+            return root_of(_top(signing.certificate, signing.chain), bundle.authorities)
+        if phase == "activated" or len(bundle.authorities) == 1:
+            return new_root or fingerprint_of(bundle.authorities[0])
+        others = self._old_roots(bundle, new_root)
+        return next(iter(others)) if len(others) == 1 else None
+
+    @staticmethod
+    def _old_roots(bundle: TrustBundle, new_root: Fingerprint | None) -> frozenset[str]:
+        if new_root is None:
+            return frozenset()
+        return frozenset(fp for fp in bundle.fingerprints if fp != new_root)
+
+    def _leaves_by_root(self, roots: tuple[x509.Certificate, ...]) -> dict[str, tuple[SpiffeId, ...]]:
+        found: dict[str, list[SpiffeId]] = {}
+        by_issuer: dict[tuple[bytes, bytes], str] = {}
+        for source in self.engine.sources():
+            svid = source.current()
+            if svid is None:
+                continue
+            top = _top(svid.leaf, svid.chain)
+            key = (top.issuer.public_bytes(), _aki(top))  # the same issuer name and key: the same root
+            root = by_issuer.get(key)
+            if root is None:
+                root = by_issuer[key] = root_of(top, roots) or ""
+            found.setdefault(root, []).append(source.spiffe_id)
+        return {root: tuple(ids) for root, ids in found.items()}
+
+    def _next_step(self, evidence: RootEvidence) -> str:
+        if evidence.phase == "steady":
+            return "no root rotation in progress; start one with: mesh-identity ca rotate-root prepare"
+        if evidence.phase == "prepared":
+            blockers = self._activate_blockers(evidence)
+        else:
+            blockers = self._retire_blockers(evidence)
+        command = f"mesh-identity ca rotate-root {NEXT_COMMAND[evidence.phase]}"
+        if blockers:
+            return f"waiting: {blockers[0]}"
+        return f"ready: {command}"
+
+    # -- gates ---------------------------------------------------------------------------------------------
+
+    def _activate_blockers(self, evidence: RootEvidence) -> list[str]:
+        blockers: list[str] = []
+        served = self.engine.bundles.current()
+        wanted = self.authority.bundle()
+        if served is None or not wanted.fingerprints <= served.fingerprints:
+            blockers.append("the trust bundle with the new root is not being served yet")
+        if evidence.proxies_missing_bundle:
+            missing = evidence.proxies_missing_bundle
+            blockers.append(
+                f"{_plural(len(missing), 'proxy has', 'proxies have')} not acknowledged the trust bundle with the "
+                f"new root yet: {_names(missing)}"
+            )
+        return blockers
+
+    def _retire_blockers(self, evidence: RootEvidence) -> list[str]:
+        blockers: list[str] = []
+        old = {info.fingerprint for info in evidence.roots if info.fingerprint != evidence.new_root}
+        if self.engine.intermediate_mode and evidence.signing_root != evidence.new_root:
+            blockers.append("the signing intermediate still chains to an old root (its renewal has not succeeded)")
+        holders = sorted(
+            (spiffe_id for root, ids in evidence.leaves_by_root.items() if root in old for spiffe_id in ids), key=str
+        )
+        them = "it" if len(old) == 1 else "them"
+        if holders:
+            blockers.append(
+                _plural(len(holders), "identity still holds a leaf", "identities still hold leaves")
+                + f" that chain{'s' if len(holders) == 1 else ''} to {them}: {_names(map(str, holders))}"
+            )
+        if evidence.proxies_on_old_roots:
+            on_old = evidence.proxies_on_old_roots
+            blockers.append(
+                _plural(len(on_old), "proxy still presents a certificate", "proxies still present certificates")
+                + f" that chain{'s' if len(on_old) == 1 else ''} to {them}: {_names(on_old)}"
+            )
+        return blockers
+
+    def _require_phase(self, step: str, wanted: str) -> None:
+        phase = self.phase()
+        if phase != wanted:
+            hint = f"; next step: mesh-identity ca rotate-root {NEXT_COMMAND[phase]}" if phase in NEXT_COMMAND else ""
+            raise RotationError(f"cannot {step}: the root rotation is in phase {phase!r}, not {wanted!r}{hint}")
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> str:
+        with self._lock:
+            self._require_phase("prepare", "steady")
+            old = self._signing_root(self.authority.bundle(), "steady", None)
+            root = self.provider.prepare_root()
+            self.authority.refresh_bundle()
+            self.engine.publish_bundle()
+            self._emit("prepared", old, fingerprint_of(root))
+            return (
+                f"prepared root {serial_of(root)}: it is in the trust bundle now, next to the current root. "
+                "Next, once every proxy has the new bundle: mesh-identity ca rotate-root activate"
+            )
+
+    def activate(self) -> str:
+        with self._lock:
+            self._require_phase("activate", "prepared")
+            evidence = self.evidence()
+            blockers = self._activate_blockers(evidence)
+            if blockers:
+                raise RotationError(f"cannot activate: {'; '.join(blockers)}")
+            root = self.provider.activate_root()
+            new = fingerprint_of(root)
+            notes = []
+            if self.engine.intermediate_mode and not self.engine.rotate_intermediate("root-rotation"):
+                state = self.engine.intermediate_state()
+                error = state.last_error if state else "unknown error"
+                notes.append(f"the new intermediate could not be obtained yet ({error}); it is retried with backoff")
+            summary = self.engine.rotate_all("root-rotation")
+            if summary.failed:
+                failed = summary.failed
+                notes.append(
+                    f"{_plural(len(failed), 'identity', 'identities')} failed to renew and "
+                    f"{'is' if len(failed) == 1 else 'are'} retried with backoff: {_names(map(str, failed))}"
+                )
+            self._emit("activated", evidence.signing_root, new)
+            moved = f"{_plural(summary.rotated, 'identity', 'identities')} renewed from it"
+            text = f"activated root {serial_of(root)}: {moved}"
+            if notes:
+                text += "; " + "; ".join(notes)
+            return text + ". Next, once nothing chains to the old root: mesh-identity ca rotate-root retire"
+
+    def retire(self) -> str:
+        with self._lock:
+            self._require_phase("retire", "activated")
+            evidence = self.evidence()
+            blockers = self._retire_blockers(evidence)
+            if blockers:
+                old = [info.serial for info in evidence.roots if info.fingerprint != evidence.new_root]
+                what = "root" if len(old) == 1 else "roots"
+                raise RotationError(f"cannot retire {what} {', '.join(old)}: {'; '.join(blockers)}")
+            retired = self.provider.retire_root()
+            self.authority.refresh_bundle()
+            self.engine.publish_bundle()
+            kept = self.authority.bundle().authorities
+            for root in retired:
+                self._emit("retired", fingerprint_of(root), fingerprint_of(kept[0]))
+            names = ", ".join(serial_of(root) for root in retired) or "none"
+            return f"retired root {names}: the trust bundle holds only root {serial_of(kept[0])} now"
+
+    def _emit(self, phase: str, old: str | None, new: str) -> None:
+        self.events.emit(
+            CaRotated(
+                kind=CertKind.ROOT,
+                phase=phase,
+                old_fingerprint=old,
+                new_fingerprint=new,
+                provider=self.provider.name,
+                at=self.clock(),
+            )
+        )
+
+
+def _newest(bundle: TrustBundle) -> Fingerprint:
+    return fingerprint_of(max(bundle.authorities, key=lambda c: c.not_valid_before_utc))
+
+
+def _aki(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b""
+    except x509.ExtensionNotFound:
+        return b""
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def _names(items: Iterable[str]) -> str:
+    names = list(items)
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
