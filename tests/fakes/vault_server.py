@@ -96,12 +96,12 @@ def _no_route(rel: str) -> ApiError:
 # --- Vault's parameter types -------------------------------------------------------------------------------
 
 
-def go_duration(seconds: int) -> str:
+def go_duration(seconds: float) -> str:
     """Format whole seconds the way Go's ``time.Duration.String`` does: ``768h0m0s``, ``10m0s``, ``30s``."""
     if seconds == 0:
         return "0s"
     sign = "-" if seconds < 0 else ""
-    hours, rest = divmod(abs(seconds), 3600)
+    hours, rest = divmod(abs(round(seconds)), 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{sign}{hours}h{minutes}m{secs}s"
@@ -1432,12 +1432,12 @@ class VaultServer:
         max_valid = token.issue_time + token.max_ttl
         if now >= max_valid:
             raise ApiError(400, "past the max TTL, cannot renew")
-        increment = parse_seconds(increment_raw, "increment") or token.creation_ttl
+        increment: float = parse_seconds(increment_raw, "increment") or token.creation_ttl
         warnings = []
-        left = int(max_valid - now)
+        left = max_valid - now
         if increment > left:
             warnings.append(
-                f'TTL of "{go_duration(increment)}" exceeded the effective max_ttl of "{go_duration(left)}"; '
+                f'TTL of "{go_duration(increment)}" exceeded the effective max_ttl of "{go_duration(round(left))}"; '
                 "TTL value is capped accordingly"
             )
             increment = left
