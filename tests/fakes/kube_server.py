@@ -914,7 +914,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             record.update(verb=verb, resource=route.resource, namespace=route.namespace or "", name=route.name or "")
             owner.authorize(user, verb, route)
             if verb == "watch":
-                self._watch(route, params, record)
+                self._watch(route, params, record)  # records the request once the stream has opened
                 return
             code, result = owner.handle(method, route, params, body, self.headers.get("Content-Type", ""))
             record["code"] = code
@@ -925,7 +925,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, ssl.SSLError, OSError):
             self.close_connection = True
         finally:
-            owner.record(RequestRecord(**record))
+            if not record.get("recorded"):
+                owner.record(RequestRecord(**record))
 
     def _watch(self, route: Route, params: Mapping[str, str], record: dict[str, Any]) -> None:
         owner = self.server.owner
@@ -946,10 +947,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise
             # An expired resourceVersion is not an HTTP error: the stream opens and says so in an ERROR event.
             record["code"] = 410
+            owner.record(RequestRecord(**record))
+            record["recorded"] = True
             self._start_stream()
             self._chunk(json.dumps({"type": "ERROR", "object": err.status()}).encode() + b"\n")
             self._chunk(b"")
             return
+        owner.record(RequestRecord(**record))
+        record["recorded"] = True
         self._start_stream()
         owner.watch_opened(watcher)
         try:
@@ -1191,6 +1196,10 @@ class KubeServer:
         with self._lock:
             if injected in self.injected:
                 self.injected.remove(injected)
+
+    def end_watches(self) -> None:
+        """End every open watch stream cleanly, as the real server does when a watch times out."""
+        self.store.end_watches()
 
     def compact(self) -> None:
         """Drop the watch history: watches from any resourceVersion seen so far get 410 Expired."""

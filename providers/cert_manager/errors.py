@@ -1,0 +1,79 @@
+"""Errors of the cert-manager provider: each says what went wrong and what to do about it.
+
+They refine the core's provider errors (``retryable`` tells the rotation engine whether backing off may help)::
+
+    ProviderError
+    ├── ProviderUnavailableError
+    │   ├── KubeUnreachableError          no connection to the API server (refused, dropped, timed out)
+    │   ├── KubeServerError               the API server answered 429 or 5xx
+    │   ├── RequestTimeoutError           the CertificateRequest was not Ready within the timeout
+    │   └── RequestFailedError            the issuer set Ready=False reason Failed (a new request may succeed)
+    ├── ProviderAuthError
+    │   └── KubeUnauthorizedError         401: the token is wrong or expired
+    ├── ProviderRejectedError
+    │   ├── KubeForbiddenError            403: RBAC does not allow the call (names the verb and resource)
+    │   ├── KubeNotFoundError             404: no cert-manager CRDs, or no such namespace, Secret, ConfigMap
+    │   ├── KubeInvalidError              400/409/422: the API server or cert-manager's webhook refused the object
+    │   ├── IssuerNotFoundError           the issuerRef names no Issuer/ClusterIssuer
+    │   ├── RequestDeniedError            an approver set Denied
+    │   └── TrustBundleError              status.ca empty and no usable configured bundle
+    └── KubeTlsError                      the TLS handshake with the API server failed (CA, name)
+
+``kubernetes`` and ``urllib3`` exceptions become one of these in :mod:`providers.cert_manager.kube`, with
+``raise ... from``.
+"""
+
+from __future__ import annotations
+
+from mesh_identity.errors import ProviderAuthError, ProviderError, ProviderRejectedError, ProviderUnavailableError
+
+
+class KubeUnreachableError(ProviderUnavailableError):
+    """No connection to the Kubernetes API server."""
+
+
+class KubeServerError(ProviderUnavailableError):
+    """The API server answered 429 (throttled) or 5xx."""
+
+
+class RequestTimeoutError(ProviderUnavailableError):
+    """The CertificateRequest was not Ready, Failed or Denied within the configured timeout."""
+
+
+class RequestFailedError(ProviderUnavailableError):
+    """The issuer marked the CertificateRequest Failed. cert-manager never retries a CertificateRequest, but a
+    new one may succeed once the issuer recovers, so backing off helps."""
+
+
+class KubeUnauthorizedError(ProviderAuthError):
+    """The API server refused the credentials (401)."""
+
+
+class KubeForbiddenError(ProviderRejectedError):
+    """RBAC forbids the call (403)."""
+
+
+class KubeNotFoundError(ProviderRejectedError):
+    """A resource the provider needs does not exist (404): cert-manager's CRDs, the namespace, the bundle."""
+
+
+class KubeInvalidError(ProviderRejectedError):
+    """The API server or cert-manager's admission webhook refused the object (400, 409, 422)."""
+
+
+class IssuerNotFoundError(ProviderRejectedError):
+    """cert-manager reports that the referenced Issuer or ClusterIssuer does not exist."""
+
+
+class RequestDeniedError(ProviderRejectedError):
+    """An approver denied the CertificateRequest."""
+
+
+class TrustBundleError(ProviderRejectedError):
+    """No trust bundle: ``status.ca`` is empty and no bundle is configured, or the configured one is unusable."""
+
+
+class KubeTlsError(ProviderError):
+    """The TLS handshake with the API server failed: only a configuration change helps."""
+
+    retryable = False
