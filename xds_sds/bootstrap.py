@@ -43,7 +43,6 @@ BOOTSTRAP_FILE = "envoy.json"
 SDS_DIR = "sds"
 CERT_FILE = "xds-cert.json"
 BUNDLE_FILE = "xds-bundle.json"
-HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +194,7 @@ def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId)
         load_assignment=clusters.load_assignment(XDS_CLUSTER, [xds]),
         transport_socket=base_pb2.TransportSocket(name=TRANSPORT_SOCKET, typed_config=pack(tls_context)),
     )
-    cluster.typed_extension_protocol_options[HTTP_OPTIONS].CopyFrom(pack(http2))
+    cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
     return cluster
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
@@ -43,6 +44,8 @@ class XdsServer:
     :param mesh: the mesh model; sidecar node ids are bound to their service's identity.
     :param server_svid: the server's own certificate (its bundle is the mesh's initial trust bundle).
     :param address: where to listen, ``host:port`` (port 0 picks one; see :attr:`port`).
+    :param max_connection_age: how long a sidecar reuses an upstream HTTP connection before draining it, so
+        that rotated certificates are used on the wire within that time (None: as long as it lives).
     """
 
     def __init__(
@@ -53,8 +56,10 @@ class XdsServer:
         address: str | Address = "127.0.0.1:0",
         audit: EventSink | None = None,
         metrics: XdsMetrics | None = None,
+        max_connection_age: timedelta | None = None,
     ) -> None:
         self._lock = threading.RLock()
+        self.max_connection_age = max_connection_age
         self._mesh = mesh
         self._bundle = server_svid.bundle
         self._svids: dict[SpiffeId, X509Svid] = {}
@@ -143,7 +148,7 @@ class XdsServer:
             for node in mesh.nodes():
                 identity = mesh.node_identity(node)
                 svid = self._svids.get(identity) if identity is not None else None
-                resources = proxy_resources(mesh, node)
+                resources = proxy_resources(mesh, node, max_connection_age=self.max_connection_age)
                 resources[SECRET] = secret_resources(svid, self._bundle)
                 self.cache.set_snapshot(node, resources)
             if previous is not None:

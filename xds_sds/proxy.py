@@ -13,6 +13,7 @@ For the sidecar of ``service`` (node ``instance.node``):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 
 from google.protobuf.message import Message
 
@@ -26,8 +27,11 @@ from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 Resources = dict[str, dict[str, Message]]
 
 
-def proxy_resources(mesh: Mesh, node: str) -> Resources:
-    """Listeners, routes, clusters and endpoints of one sidecar (no secrets)."""
+def proxy_resources(mesh: Mesh, node: str, *, max_connection_age: timedelta | None = None) -> Resources:
+    """Listeners, routes, clusters and endpoints of one sidecar (no secrets).
+
+    ``max_connection_age`` bounds the reuse of upstream HTTP connections (see :func:`clusters.upstream`).
+    """
     found = mesh.instance(node)
     if found is None:
         raise KeyError(f"node {node!r} is not a sidecar of the mesh")
@@ -46,7 +50,13 @@ def proxy_resources(mesh: Mesh, node: str) -> Resources:
     for upstream in service.upstreams:
         target = mesh.service(upstream.service)
         name = names.outbound(target.name)
-        out[CLUSTER][name] = clusters.upstream(name, service.identity, target.identity)
+        out[CLUSTER][name] = clusters.upstream(
+            name,
+            service.identity,
+            target.identity,
+            http=target.protocol is Protocol.HTTP,
+            max_connection_age=max_connection_age,
+        )
         out[ENDPOINT][name] = clusters.load_assignment(name, target.endpoints)
         if target.protocol is Protocol.HTTP:
             out[ROUTE][name] = routes.to_cluster(name, name)

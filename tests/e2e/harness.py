@@ -14,19 +14,26 @@ All waits are bounded so that a broken test ends; none of them is a speed check.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import itertools
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mesh_identity.mesh import Address, Instance, Mesh, Service, Upstream
 from mesh_identity.mesh import Protocol as AppProtocol
@@ -260,6 +267,7 @@ class RunningMesh:
     xds: XdsServer
     workdir: Path
     delta: bool = False
+    max_connection_age: timedelta | None = None
     apps: dict[str, DemoApp] = field(default_factory=dict)
     sidecars: dict[str, Envoy] = field(default_factory=dict)
     bootstraps: dict[str, BootstrapFiles] = field(default_factory=dict)
@@ -305,7 +313,9 @@ class RunningMesh:
     def start_control_plane(self) -> XdsServer:
         """A new xDS server on the same address, fed what a restarted ``serve`` would know; then started."""
         server_svid = self.issuer.issue(self.xds.server_identity)
-        restarted = XdsServer(self.mesh, server_svid, address=self.xds.address)
+        restarted = XdsServer(
+            self.mesh, server_svid, address=self.xds.address, max_connection_age=self.max_connection_age
+        )
         restarted.update_bundle(self.issuer.bundle())
         for svid in self.svids.values():
             restarted.update_identity(svid)
@@ -342,12 +352,23 @@ class RunningMesh:
 
 
 @contextlib.contextmanager
-def start_mesh(issuer: Issuer, mesh: Mesh, workdir: Path, *, delta: bool = False) -> Iterator[RunningMesh]:
-    """Start the xDS server (with a server SVID from ``issuer``), every app and every sidecar; stop them all after."""
+def start_mesh(
+    issuer: Issuer,
+    mesh: Mesh,
+    workdir: Path,
+    *,
+    delta: bool = False,
+    max_connection_age: timedelta | None = timedelta(seconds=1),
+) -> Iterator[RunningMesh]:
+    """Start the xDS server (with a server SVID from ``issuer``), every app and every sidecar; stop them all after.
+
+    ``max_connection_age`` is short by default so that rotated certificates are used between sidecars within
+    a second (see :func:`xds_sds.clusters.upstream`).
+    """
     server_svid = issuer.issue(SpiffeId(mesh.trust_domain, SERVER_PATH))
-    xds = XdsServer(mesh, server_svid)
+    xds = XdsServer(mesh, server_svid, max_connection_age=max_connection_age)
     xds.update_bundle(issuer.bundle())
-    running = RunningMesh(mesh, issuer, xds, workdir, delta)
+    running = RunningMesh(mesh, issuer, xds, workdir, delta, max_connection_age)
     try:
         for service in mesh.services.values():
             svid = issuer.issue(service.identity)
@@ -368,3 +389,106 @@ def start_mesh(issuer: Issuer, mesh: Mesh, workdir: Path, *, delta: bool = False
         yield running
     finally:
         running.stop()
+
+
+def xfcc_hash(svid: X509Svid) -> str:
+    """The ``Hash`` an XFCC header carries for a client presenting ``svid`` (SHA-256 of the leaf, DER)."""
+    return hashlib.sha256(svid.leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _xfcc_field(value: str | None, key: str) -> str | None:
+    for pair in (value or "").split(",")[-1].split(";"):
+        name, _, item = pair.partition("=")
+        if name.strip().lower() == key.lower():
+            return item
+    return None
+
+
+@dataclass
+class RequestLoop:
+    """Requests from ``client`` to ``upstream`` through the sidecars, one after another in a thread.
+
+    Records successes, failures (any exception or non-200), the peers the upstream app saw, and the XFCC
+    ``Hash`` of each request (which client certificate the hop between the sidecars used).
+    """
+
+    running: RunningMesh
+    client: str = "frontend"
+    upstream: str = "backend"
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    peers: set[str] = field(default_factory=set)
+    hashes: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RequestLoop:
+        self._thread = threading.Thread(target=self._run, name="request-loop", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, answer = self.running.request(self.client, self.upstream)
+            except (OSError, ValueError) as err:
+                self.failures.append(f"{type(err).__name__}: {err}")
+                continue
+            if status == 200 and isinstance(answer, dict):
+                self.ok += 1
+                self.peers.add(str(answer.get("peer")))
+                self.hashes.append(_xfcc_field(answer.get("xfcc"), "Hash") or "")
+            else:
+                self.failures.append(f"{status}: {answer}")
+
+    def wait_for(self, more: int, timeout: float = 30.0) -> None:
+        """Until ``more`` further requests succeeded (or one failed)."""
+        target = self.ok + more
+        wait_until(lambda: self.ok >= target or self.failures, f"{more} more requests", timeout)
+
+    def wait_for_hash(self, expected: str, timeout: float = 30.0) -> None:
+        """Until a request arrives whose client certificate has this XFCC hash."""
+        wait_until(lambda: expected in self.hashes[-50:] or self.failures, f"a request with hash {expected}", timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def tls_client_context(trusted_pem: bytes, svid: X509Svid | None, directory: Path) -> ssl.SSLContext:
+    """A TLS client context trusting ``trusted_pem`` and presenting ``svid`` (none when None)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # sidecars present SVIDs: a URI SAN, no host name
+    context.load_verify_locations(cadata=trusted_pem.decode())
+    if svid is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "chain.pem").write_bytes(svid.cert_chain_pem())
+        (directory / "key.pem").write_bytes(svid.key_pem())
+        (directory / "key.pem").chmod(0o600)
+        context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+    return context
+
+
+def tls_get(address: Address, context: ssl.SSLContext) -> bytes:
+    """``GET /`` over TLS to a sidecar's inbound port; the raw answer (raises when the handshake is refused)."""
+    with (
+        socket.create_connection((address.host, address.port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nhost: mesh\r\nconnection: close\r\n\r\n")
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def peer_certificate(address: Address, context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a sidecar's inbound port presents on a new connection."""
+    with (
+        socket.create_connection((address.host, address.port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
 from mesh_identity.mesh import Address
-from mesh_identity.svid import X509Svid
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer, builtin_authority
-from tests.e2e.harness import RunningMesh, loopback_mesh, start_mesh, wait_until
+from tests.e2e.harness import (
+    RequestLoop,
+    RunningMesh,
+    loopback_mesh,
+    peer_certificate,
+    start_mesh,
+    tls_client_context,
+    tls_get,
+    wait_until,
+    xfcc_hash,
+)
 from xds_sds.core import pack, socket_address
 from xds_sds.demoapp import get_json
 from xds_sds.typeurls import LISTENER
@@ -38,8 +44,8 @@ def test_traffic_flows_over_mtls_and_the_server_app_sees_the_client_identity(run
     status, answer = running.request("frontend", "backend")
     assert status == 200, answer
     assert (answer["service"], answer["peer"]) == ("backend", FRONTEND)
-    assert answer["xfcc"].startswith(f"By={BACKEND};Hash=")
-    assert answer["xfcc"].endswith(f";URI={FRONTEND}")
+    frontend_svid = running.svids[running.mesh.service("frontend").identity]
+    assert answer["xfcc"] == f"By={BACKEND};Hash={xfcc_hash(frontend_svid)};URI={FRONTEND}"
 
 
 def test_admin_certs_show_our_svids_and_bundle(running: RunningMesh) -> None:
@@ -50,102 +56,29 @@ def test_admin_certs_show_our_svids_and_bundle(running: RunningMesh) -> None:
         assert {c.serial_number for c in running.issuer.bundle().authorities} <= envoy.ca_serials()
 
 
-def _tls_get(address: Address, context: ssl.SSLContext) -> bytes:
-    """An HTTP request over TLS to a sidecar's inbound port; the raw answer (raises on a refused handshake)."""
-    with (
-        socket.create_connection((address.host, address.port), timeout=10) as raw,
-        context.wrap_socket(raw) as tls,
-    ):
-        tls.sendall(b"GET / HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n\r\n")
-        chunks = []
-        while chunk := tls.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-def _client_context(trusted: bytes, svid: X509Svid | None, directory: Path) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False  # sidecars are SVIDs: a URI SAN, no host name
-    context.load_verify_locations(cadata=trusted.decode())
-    if svid is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "chain.pem").write_bytes(svid.cert_chain_pem())
-        (directory / "key.pem").write_bytes(svid.key_pem())
-        context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
-    return context
-
-
 def test_inbound_port_requires_a_mesh_client_certificate(running: RunningMesh, tmp_path: Path) -> None:
     inbound = running.inbound("backend")
     trusted = running.issuer.bundle().pem()
     # a mesh certificate gets in, and the app sees its SPIFFE ID (so the refusals below are meaningful)
     insider = running.issuer.issue(running.mesh.service("frontend").identity)
-    answer = _tls_get(inbound, _client_context(trusted, insider, tmp_path / "insider"))
+    answer = tls_get(inbound, tls_client_context(trusted, insider, tmp_path / "insider"))
     assert answer.startswith(b"HTTP/1.1 200")
     assert f'"peer": "{FRONTEND}"'.encode() in answer
 
     envoy = running.sidecar("backend")
     prefix = f"listener.{inbound.host}_{inbound.port}.ssl."
     with pytest.raises(ssl.SSLError):
-        _tls_get(inbound, _client_context(trusted, None, tmp_path / "none"))
+        tls_get(inbound, tls_client_context(trusted, None, tmp_path / "none"))
     assert envoy.stats(prefix + "fail_verify_no_cert") == {prefix + "fail_verify_no_cert": 1}
 
     foreign = AuthorityIssuer(builtin_authority(tmp_path / "foreign-ca")).issue(insider.spiffe_id)
     with pytest.raises(ssl.SSLError):
-        _tls_get(inbound, _client_context(trusted, foreign, tmp_path / "foreign"))
+        tls_get(inbound, tls_client_context(trusted, foreign, tmp_path / "foreign"))
     assert envoy.stats(prefix + "fail_verify_error") == {prefix + "fail_verify_error": 1}
 
     with socket.create_connection((inbound.host, inbound.port), timeout=10) as plain:
         plain.sendall(b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n")
         assert plain.recv(65536) == b""  # closed: no plaintext answer
-
-
-@dataclass
-class RequestLoop:
-    """Requests from frontend to backend, one after the other, in a thread, until stopped."""
-
-    running: RunningMesh
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    peers: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> RequestLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, answer = self.running.request("frontend", "backend")
-            except OSError as err:
-                self.failures.append(f"{type(err).__name__}: {err}")
-                continue
-            if status == 200:
-                self.ok += 1
-                self.peers.add(answer["peer"])
-            else:
-                self.failures.append(f"{status}: {answer}")
-
-    def wait_for(self, more: int) -> None:
-        target = self.ok + more
-        wait_until(lambda: self.ok >= target or len(self.failures) > 0, f"{more} more requests")
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-
-
-def _inbound_certificate(running: RunningMesh, service: str, client: X509Svid, directory: Path) -> x509.Certificate:
-    context = _client_context(running.issuer.bundle().pem(), client, directory)
-    address = running.inbound(service)
-    with socket.create_connection((address.host, address.port), timeout=10) as raw, context.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
 
 
 def test_rotation_under_traffic_has_zero_failures_and_no_restart(running: RunningMesh, tmp_path: Path) -> None:
@@ -158,10 +91,13 @@ def test_rotation_under_traffic_has_zero_failures_and_no_restart(running: Runnin
             new_frontend = running.rotate("frontend")
             running.wait_serving("backend", new_backend)
             running.wait_serving("frontend", new_frontend)
-            loop.wait_for(20)
+            # the hop between the sidecars now uses the new client certificate ...
+            loop.wait_for_hash(xfcc_hash(new_frontend))
+            # ... and a new connection to backend's inbound port is served with its new certificate
             client = running.issuer.issue(running.mesh.service("frontend").identity)
-            seen = _inbound_certificate(running, "backend", client, tmp_path / f"round{round_}")
-            assert seen.serial_number == new_backend.leaf.serial_number
+            context = tls_client_context(running.issuer.bundle().pem(), client, tmp_path / f"round{round_}")
+            assert peer_certificate(running.inbound("backend"), context).serial_number == new_backend.leaf.serial_number
+            loop.wait_for(20)
     assert loop.failures == []
     assert loop.ok >= 60
     assert loop.peers == {FRONTEND}
@@ -182,12 +118,12 @@ def test_control_plane_restart_envoys_reconnect_and_traffic_continues(running: R
                 f"{envoy.name} to notice the control plane is gone",
             )
         loop.wait_for(10)  # the sidecars keep their config while the control plane is down
-
         restarted = running.start_control_plane()
         wait_until(lambda: restarted.connected_nodes() == nodes, "every sidecar to reconnect")
-        # resynced: a rotation after the restart reaches the sidecar
-        new_backend = running.rotate("backend")
-        running.wait_serving("backend", new_backend)
+        # resynced: a rotation after the restart reaches the sidecar and is used
+        new_frontend = running.rotate("frontend")
+        running.wait_serving("frontend", new_frontend)
+        loop.wait_for_hash(xfcc_hash(new_frontend))
         loop.wait_for(10)
     assert loop.failures == []
 
