@@ -60,6 +60,7 @@ INTERMEDIATE_JOB = "intermediate"
 HEALTH_JOB = "provider-health"
 _STRIPES = 64
 _EARLY = timedelta(milliseconds=50)
+WATCHDOG = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +108,10 @@ class IssuanceObserver(Protocol):
 class _Timer(BaseTrigger):  # type: ignore[misc]  # apscheduler is untyped
     """Rotation state of one certificate, and the APScheduler trigger of its job: it fires at ``wake``.
 
-    When the job has just fired and has not yet moved ``wake`` on, the trigger answers ``now + fallback``: a
-    watchdog, so a job that died without rescheduling is retried rather than forgotten.
+    When the job has just fired and has not yet moved ``wake`` on, the trigger answers ``now + WATCHDOG``: a
+    job that died without rescheduling is retried rather than forgotten. A run that finds its timer not due
+    (the watchdog fired during a slow renewal) only re-arms; several instances may be queued for that reason,
+    the per-identity lock runs them one at a time.
     """
 
     __slots__ = ("failures", "key", "last_error", "validity", "wake")
@@ -126,8 +129,7 @@ class _Timer(BaseTrigger):  # type: ignore[misc]  # apscheduler is untyped
             return None
         if previous_fire_time is None or wake > previous_fire_time:
             return wake
-        lifetime = self.validity.lifetime if self.validity is not None else timedelta(minutes=1)
-        return now + RetryPolicy.for_lifetime(lifetime).maximum
+        return now + WATCHDOG
 
     def __str__(self) -> str:
         return f"wake at {self.wake.isoformat() if self.wake else 'never'}"
@@ -175,7 +177,7 @@ class RotationEngine:
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=self.settings.workers)},
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 3},
         )
 
     @property
@@ -299,18 +301,18 @@ class RotationEngine:
 
     def _run(self, entry: _Identity) -> None:
         """The job of one identity."""
-        if entry.wake is not None and entry.wake - self.clock() > _EARLY:
-            self._schedule(entry)  # woken early (watchdog, or a move that raced): just re-arm
-            return
-        self._rotate_entry(entry, "rotation")
+        self._rotate_entry(entry, "rotation", due_only=True)
 
     def _stripe(self, entry: _Timer) -> threading.RLock:
         return self._stripes[hash(entry.key) % _STRIPES]
 
-    def _rotate_entry(self, entry: _Identity, requested_by: str) -> bool:
+    def _rotate_entry(self, entry: _Identity, requested_by: str, *, due_only: bool = False) -> bool:
         with self._stripe(entry):
             if entry.removed:
                 return False
+            if due_only and _not_due(entry, self.clock()):
+                self._schedule(entry)  # the watchdog, or a run that waited for another to finish: re-arm
+                return True
             old = entry.source.current()
             started = time.perf_counter()
             try:
@@ -354,9 +356,12 @@ class RotationEngine:
 
     # -- the intermediate ----------------------------------------------------------------------------------
 
-    def rotate_intermediate(self, requested_by: str = "rotation") -> bool:
+    def rotate_intermediate(self, requested_by: str = "rotation", *, due_only: bool = False) -> bool:
         """Obtain a new intermediate now (intermediate mode); False when it failed (then retried with backoff)."""
         with self._ca_lock:
+            if due_only and _not_due(self._ca, self.clock()):
+                self._schedule(self._ca)
+                return True
             old = self.authority.signing_ca
             started = time.perf_counter()
             try:
@@ -387,10 +392,7 @@ class RotationEngine:
             return True
 
     def _run_intermediate(self, timer: _Timer) -> None:
-        if timer.wake is not None and timer.wake - self.clock() > _EARLY:
-            self._schedule(timer)
-            return
-        self.rotate_intermediate()
+        self.rotate_intermediate(due_only=True)
 
     def publish_bundle(self) -> bool:
         """Serve the authority's current bundle (after a CA change); True when it changed."""
@@ -534,6 +536,10 @@ class RotationEngine:
     def _observe(self, provider: str, kind: CertKind, seconds: float) -> None:
         if self.observer is not None:
             self.observer.observe_issuance(provider, kind, seconds)
+
+
+def _not_due(timer: _Timer, now: datetime) -> bool:
+    return timer.wake is not None and timer.wake - now > _EARLY
 
 
 def _one_line(err: BaseException) -> str:

@@ -10,7 +10,7 @@
   bundle.
 
 The phase is the provider's (it persists it; a restart resumes). The new root is the newest one in the
-bundle (latest NotBefore).
+bundle (latest NotBefore; on a tie the later in the bundle, where providers append the new root).
 """
 
 from __future__ import annotations
@@ -315,7 +315,9 @@ class RootRotation:
 
 
 def _newest(bundle: TrustBundle) -> Fingerprint:
-    return fingerprint_of(max(bundle.authorities, key=lambda c: c.not_valid_before_utc))
+    """The root with the latest NotBefore; on a tie (roots made within a second) the later in the bundle."""
+    ranked = max(enumerate(bundle.authorities), key=lambda item: (item[1].not_valid_before_utc, item[0]))
+    return fingerprint_of(ranked[1])
 
 
 def _aki(cert: x509.Certificate) -> bytes:
