@@ -6,6 +6,7 @@ name the mount, the role and the fix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,7 +38,9 @@ def seconds(ttl: timedelta) -> str:
     return f"{max(1, int(ttl.total_seconds()))}s"
 
 
+@functools.lru_cache(maxsize=64)
 def is_self_signed(cert: x509.Certificate) -> bool:
+    """Issuer equals subject and the signature verifies with its own key (cached: Vault repeats its chain)."""
     if cert.issuer != cert.subject:
         return False
     try:

@@ -33,6 +33,7 @@ tokens, AppRole credentials and Kubernetes roles.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import hashlib
@@ -43,6 +44,7 @@ import re
 import secrets
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -2157,6 +2159,7 @@ class _Httpd(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Httpd
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stalls
     server_version = "Vault"
     sys_version = ""
 
@@ -2207,6 +2210,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(response.body)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_LIST = do_PATCH = _serve
+
+
+def main() -> None:
+    """Serve a Vault test server in this process (for benchmarks and manual tries): a PKI mount ``pki`` with a
+    role ``spiffe`` (any SPIFFE ID, any key type, max TTL 24h). Prints ``{"url": ..., "token": ...}`` on one
+    line, then serves until standard input closes."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--intermediate", action="store_true", help="a Vault-side intermediate under the root")
+    args = parser.parse_args()
+    with VaultServer() as server:
+        server.add_pki_mount("pki", intermediate=args.intermediate)
+        server.add_pki_role(
+            "pki", "spiffe", allowed_uri_sans=["spiffe://*"], require_cn=False, key_type="any", max_ttl="24h"
+        )
+        print(json.dumps({"url": server.url, "token": server.root_token}), flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = [
