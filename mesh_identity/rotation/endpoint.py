@@ -22,7 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from mesh_identity.errors import MeshIdentityError, RotationError
 
@@ -102,7 +102,7 @@ class Endpoint:
 
     def get(self, path: str) -> Reply:
         if path == "/metrics":
-            return Reply(HTTPStatus.OK, self.app.metrics_text(), CONTENT_TYPE_LATEST)
+            return Reply(HTTPStatus.OK, self.app.metrics_text(), CONTENT_TYPE_PLAIN_0_0_4)  # every Prometheus reads it
         if path == "/healthz":
             problem = self.app.health_problem()
             return _text(HTTPStatus.OK, "ok") if problem is None else _text(HTTPStatus.SERVICE_UNAVAILABLE, problem)
