@@ -267,15 +267,19 @@ class TokenKeeper:
             return False
         return True
 
-    def recover_from_denied(self) -> bool:
-        """After a 403: True when the token had expired and a new login succeeded (so retry once); False when
-        the token is valid (a real permission problem); VaultTokenExpiredError when it cannot log in again."""
-        if self.token_is_valid():
-            return False
-        if not self.method.relogin:
-            raise self._expired_error()
-        self.login()
-        return True
+    def recover_from_denied(self, token: str | None = None) -> bool:
+        """After a 403 with ``token``: True when the token had expired and a new login succeeded (so retry once);
+        False when the token is valid (a real permission problem); VaultTokenExpiredError when it cannot log in
+        again. Many threads denied at once log in only once: the first one does, the others see the new token."""
+        with self._lock:
+            if token is not None and self.lease is not None and self.lease.token != token:
+                return True
+            if self.token_is_valid():
+                return False
+            if not self.method.relogin:
+                raise self._expired_error()
+            self.login()
+            return True
 
     def _expired_error(self) -> VaultTokenExpiredError:
         source = self.method.source if isinstance(self.method, TokenAuth) else f"{self.method.name} login"

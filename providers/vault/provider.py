@@ -110,11 +110,11 @@ class VaultProvider(CAProvider):
     def run(self, what: str, function: Callable[[], T]) -> T:
         """An authenticated call: a valid token first; after a 403 caused by an expired token, log in again and
         retry once (a real permission problem is raised as it is)."""
-        self.keeper.ensure()
+        lease = self.keeper.ensure()
         try:
             return self.connection.call(what, function)
         except VaultPermissionDeniedError:
-            if not self.keeper.recover_from_denied():
+            if not self.keeper.recover_from_denied(lease.token):
                 raise
             return self.connection.call(what, function)
 
@@ -199,8 +199,8 @@ class VaultProvider(CAProvider):
         try:
             detail = doctor.server_state(self)
             lease = self.keeper.ensure()
-            if not self.keeper.token_is_valid() and not self.keeper.recover_from_denied():
-                return Health(False, "the Vault token is not valid", now)
+            if not self.keeper.token_is_valid():
+                self.keeper.recover_from_denied(lease.token)  # logs in again, or says why it cannot
             lease = self.keeper.lease or lease
         except ProviderError as err:
             return Health(False, str(err), now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -254,5 +255,20 @@ def test_renewal_failures_back_off(pki: VaultServer, tmp_path: Path):
         assert 2 <= attempts <= 8, attempts  # tries at about 2s, 2.5s, 3.5s, 5.5s: backoff, not a loop
         wait_for(lambda: provider.keeper.last_error is None, what="recovery")
         assert sign(provider).certificate
+    finally:
+        provider.close()
+
+
+def test_many_threads_denied_at_once_log_in_only_once(pki: VaultServer, tmp_path: Path):
+    options, _ = approle(pki, tmp_path)
+    provider = provider_for(tmp_path, options)
+    try:
+        sign(provider)
+        assert provider.keeper.lease is not None
+        pki.set_token_ttl(provider.keeper.lease.token, 0)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: sign(provider), range(8)))
+        assert all(r.certificate for r in results)
+        assert provider.keeper.logins == 2
     finally:
         provider.close()
