@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh_identity.cli import certs, demo
+from mesh_identity.cli import certs, demo, ops
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError, MeshIdentityError
 
 USAGE_ERRORS = (ConfigError, InvalidSpiffeIdError)
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     certs.add_parsers(sub, common)
+    ops.add_parsers(sub, common)
     demo.add_parsers(sub, common)
     return parser
 
