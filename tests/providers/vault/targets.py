@@ -173,3 +173,30 @@ def tear_down(target: VaultTarget) -> None:
         admin.sys.disable_secrets_engine(mount)
     for policy in target.policies:
         admin.sys.delete_policy(policy)
+
+
+# --- shortcuts for tests that need the test server's controls ------------------------------------------------
+
+MESH_POLICY = {
+    "pki/root/sign-intermediate": ["update"],
+    "pki/sign/*": ["update"],
+    "pki/roles/*": ["read"],
+    "sys/mounts/pki/tune": ["read"],
+}
+
+
+def set_up_pki(vault: VaultServer, namespace: str = "") -> None:
+    """Mount ``pki`` (a root CA) with role ``spiffe`` and policy ``mesh`` straight into the test server."""
+    if namespace:
+        vault.add_namespace(namespace)
+    vault.add_pki_mount("pki", namespace=namespace)
+    vault.add_pki_role(
+        "pki",
+        "spiffe",
+        namespace=namespace,
+        allowed_uri_sans=["spiffe://example.org/*"],
+        require_cn=False,
+        key_type="any",
+        max_ttl="24h",
+    )
+    vault.add_policy("mesh", MESH_POLICY, namespace=namespace)

@@ -17,7 +17,7 @@ from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.vault.errors import VaultLoginError, VaultTokenExpiredError
 from providers.vault.provider import SPEC, VaultProvider
 from tests.fakes.vault_server import VaultServer
-from tests.providers.vault.test_vault_failures import set_up_pki
+from tests.providers.vault.targets import set_up_pki
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.for_kubernetes(TD, "default", "web")

@@ -27,31 +27,10 @@ from providers.vault.errors import (
 )
 from providers.vault.provider import SPEC, VaultProvider
 from tests.fakes.vault_server import ListenerTLS, VaultServer
+from tests.providers.vault.targets import set_up_pki
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.for_kubernetes(TD, "default", "web")
-MESH_POLICY = {
-    "pki/root/sign-intermediate": ["update"],
-    "pki/sign/*": ["update"],
-    "pki/roles/*": ["read"],
-    "sys/mounts/pki/tune": ["read"],
-}
-
-
-def set_up_pki(vault: VaultServer, namespace: str = "") -> None:
-    if namespace:
-        vault.add_namespace(namespace)
-    vault.add_pki_mount("pki", namespace=namespace)
-    vault.add_pki_role(
-        "pki",
-        "spiffe",
-        namespace=namespace,
-        allowed_uri_sans=["spiffe://example.org/*"],
-        require_cn=False,
-        key_type="any",
-        max_ttl="24h",
-    )
-    vault.add_policy("mesh", MESH_POLICY, namespace=namespace)
 
 
 def make_provider(

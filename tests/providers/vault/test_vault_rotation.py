@@ -19,7 +19,7 @@ from mesh_identity.rotation.engine import RotationEngine, RotationSettings
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.vault.provider import SPEC, VaultProvider
 from tests.fakes.vault_server import VaultServer
-from tests.providers.vault.test_vault_failures import set_up_pki
+from tests.providers.vault.targets import set_up_pki
 from tests.rotation.helpers import Recorder
 
 TD = TrustDomain("example.org")

@@ -520,7 +520,7 @@ def test_ca_endpoints_of_a_mount_with_a_vault_side_intermediate(vault: VaultServ
     assert chain[1].subject == chain[1].issuer
     assert load(api.secrets.pki.read_ca_certificate(mount_point="pki-int")) == chain[0]
     assert load(api.read("pki-int/cert/ca")["data"]["certificate"]) == chain[0]
-    raw = requests.get(f"{vault.url}/v1/pki-int/ca", timeout=5)
+    raw = api.adapter.get("/v1/pki-int/ca")  # DER: hvac hands back the raw response
     assert (raw.headers["Content-Type"], x509.load_der_x509_certificate(raw.content)) == (
         "application/pkix-cert",
         chain[0],
@@ -647,20 +647,16 @@ def test_request_counts_per_path_and_namespace(vault: VaultServer):
 
 
 def test_errors_are_vault_shaped(vault: VaultServer):
-    answer = requests.post(
-        f"{vault.url}/v1/auth/token/lookup-self",
-        data="{not json",
-        headers={"X-Vault-Token": vault.root_token},
-        timeout=5,
-    )
-    assert answer.status_code == 400
-    assert answer.headers["Content-Type"] == "application/json"
-    assert answer.json()["errors"][0].startswith("failed to parse JSON input: ")
-    missing = requests.get(f"{vault.url}/v1/nothing/here", headers={"X-Vault-Token": vault.root_token}, timeout=5)
-    assert (missing.status_code, missing.json()) == (
-        404,
-        {"errors": ['no handler for route "nothing/here". route entry not found.']},
-    )
+    api = client(vault)
+    with pytest.raises(hvac.exceptions.InvalidRequest) as caught:
+        api.adapter.post("/v1/auth/token/lookup-self", data="{not json")
+    (message,) = caught.value.errors
+    assert message.startswith("failed to parse JSON input: ")
+    with pytest.raises(hvac.exceptions.InvalidPath) as missing:
+        api.adapter.get("/v1/nothing/here")
+    assert missing.value.errors == ['no handler for route "nothing/here". route entry not found.']
+    answer = api.adapter.get("/v1/nothing/here", raise_exception=False)
+    assert (answer.status_code, answer.headers["Content-Type"]) == (404, "application/json")
 
 
 # --- TLS ------------------------------------------------------------------------------------------------
