@@ -106,24 +106,29 @@ class TestCa:
     parent: TestCa | None = None
 
     @classmethod
-    def create(cls, common_name: str, parent: TestCa | None = None,
-               lifetime: dt.timedelta = dt.timedelta(days=30)) -> TestCa:
+    def create(
+        cls, common_name: str, parent: TestCa | None = None, lifetime: dt.timedelta = dt.timedelta(days=30)
+    ) -> TestCa:
         now = dt.datetime.now(dt.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         signer_key = parent.key if parent else key
         builder = (
-            x509.CertificateBuilder().subject_name(name)
+            x509.CertificateBuilder()
+            .subject_name(name)
             .issuer_name(parent.certificate.subject if parent else name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + lifetime)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         )
         if parent:
             builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False
+            )
         return cls(builder.sign(signer_key, hashes.SHA256()), key, parent)
 
     @property
@@ -141,8 +146,9 @@ class TestCa:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
 
 @dataclass
@@ -226,17 +232,24 @@ class CertManagerSigner:
         secret_namespace = namespace or CLUSTER_RESOURCE_NAMESPACE
         secret_name = f"{name}-ca-key-pair"
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [ca.certificate, *ca.chain[1:]])
-        self.core.create_namespaced_secret(secret_namespace, kubernetes.client.V1Secret(
-            metadata=kubernetes.client.V1ObjectMeta(name=secret_name),
-            type="kubernetes.io/tls",
-            data={
-                "tls.crt": base64.b64encode(chain_pem).decode(),
-                "tls.key": base64.b64encode(ca.key_pem()).decode(),
-                "ca.crt": base64.b64encode(ca.root.pem()).decode(),
-            },
-        ))
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name},
-                "spec": {"ca": {"secretName": secret_name}}}
+        self.core.create_namespaced_secret(
+            secret_namespace,
+            kubernetes.client.V1Secret(
+                metadata=kubernetes.client.V1ObjectMeta(name=secret_name),
+                type="kubernetes.io/tls",
+                data={
+                    "tls.crt": base64.b64encode(chain_pem).decode(),
+                    "tls.key": base64.b64encode(ca.key_pem()).decode(),
+                    "ca.crt": base64.b64encode(ca.root.pem()).decode(),
+                },
+            ),
+        )
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": {"ca": {"secretName": secret_name}},
+        }
         if namespace:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "issuers", body)
         else:
@@ -266,14 +279,17 @@ class CertManagerSigner:
     def _run(self) -> None:
         while not self._stopped.is_set():
             try:
-                listing = cast(JsonObj, self.custom.list_cluster_custom_object(GROUP, VERSION,
-                                                                                "certificaterequests"))
+                listing = cast(JsonObj, self.custom.list_cluster_custom_object(GROUP, VERSION, "certificaterequests"))
                 for item in listing["items"]:
                     self._reconcile(item)
                 self._watch = cast(Any, kubernetes.watch).Watch()
                 for event in self._watch.stream(
-                    self.custom.list_cluster_custom_object, GROUP, VERSION, "certificaterequests",
-                    resource_version=listing["metadata"]["resourceVersion"], allow_watch_bookmarks=True,
+                    self.custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    "certificaterequests",
+                    resource_version=listing["metadata"]["resourceVersion"],
+                    allow_watch_bookmarks=True,
                 ):
                     if self._stopped.is_set():
                         break
@@ -292,8 +308,12 @@ class CertManagerSigner:
                     raise
                 meta = cr["metadata"]
                 try:
-                    cr = cast(JsonObj, self.custom.get_namespaced_custom_object(
-                        GROUP, VERSION, meta["namespace"], "certificaterequests", meta["name"]))
+                    cr = cast(
+                        JsonObj,
+                        self.custom.get_namespaced_custom_object(
+                            GROUP, VERSION, meta["namespace"], "certificaterequests", meta["name"]
+                        ),
+                    )
                 except kubernetes.client.ApiException as gone:
                     if gone.status == 404:
                         return
@@ -317,12 +337,17 @@ class CertManagerSigner:
             if behaviour is Behaviour.DENY:
                 self._set(cr, "Denied", "True", APPROVER, self.deny_message)
             else:
-                self._set(cr, "Approved", "True", APPROVER,
-                          "Certificate request has been approved by cert-manager.io")
+                self._set(cr, "Approved", "True", APPROVER, "Certificate request has been approved by cert-manager.io")
             return  # the MODIFIED event brings the request back for the next step
         if "Denied" in conditions:
-            self._set(cr, "Ready", "False", "Denied", "The CertificateRequest was denied by an approval controller",
-                      failed=True)
+            self._set(
+                cr,
+                "Ready",
+                "False",
+                "Denied",
+                "The CertificateRequest was denied by an approval controller",
+                failed=True,
+            )
             self._record(cr, "Denied")
             return
         kind = ref.get("kind") or "Issuer"
@@ -385,21 +410,37 @@ class CertManagerSigner:
         self._ca_cache[(kind, namespace, name)] = ca
         return ca
 
-    def _set(self, cr: JsonObj, type_: str, status: str, reason: str, message: str,
-             extra: JsonObj | None = None, *, failed: bool = False) -> None:
+    def _set(
+        self,
+        cr: JsonObj,
+        type_: str,
+        status: str,
+        reason: str,
+        message: str,
+        extra: JsonObj | None = None,
+        *,
+        failed: bool = False,
+    ) -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body: JsonObj = {"apiVersion": cr["apiVersion"], "kind": cr["kind"], "metadata": cr["metadata"],
-                         "spec": cr.get("spec"), "status": dict(cr.get("status") or {})}
+        body: JsonObj = {
+            "apiVersion": cr["apiVersion"],
+            "kind": cr["kind"],
+            "metadata": cr["metadata"],
+            "spec": cr.get("spec"),
+            "status": dict(cr.get("status") or {}),
+        }
         conditions = [c for c in body["status"].get("conditions") or [] if c.get("type") != type_]
-        conditions.append({"type": type_, "status": status, "reason": reason, "message": message,
-                           "lastTransitionTime": now})
+        conditions.append(
+            {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": now}
+        )
         body["status"]["conditions"] = conditions
         body["status"].update(extra or {})
         if failed:
             body["status"].setdefault("failureTime", now)
         meta = cr["metadata"]
         self.custom.replace_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], "certificaterequests", meta["name"], body)
+            GROUP, VERSION, meta["namespace"], "certificaterequests", meta["name"], body
+        )
 
 
 def sign(spec: JsonObj, ca: TestCa, max_duration: dt.timedelta | None = None) -> x509.Certificate:
@@ -427,9 +468,13 @@ def sign(spec: JsonObj, ca: TestCa, max_duration: dt.timedelta | None = None) ->
     if is_ca:
         flags["key_cert_sign"] = True
     builder = (
-        x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.certificate.subject)
-        .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(seconds=30)).not_valid_after(not_after)
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(ca.certificate.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(seconds=30))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(**flags), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)

@@ -194,7 +194,7 @@ class Kind:
 def _prepare_secret(obj: JsonObj) -> None:
     data = obj.get("data") or {}
     if not isinstance(data, dict):
-        raise bad_request("Secret in version \"v1\" cannot be handled as a Secret: data is not an object")
+        raise bad_request('Secret in version "v1" cannot be handled as a Secret: data is not an object')
     for key, value in data.items():
         try:
             base64.b64decode(str(value), validate=True)
@@ -220,10 +220,29 @@ def _conditions(obj: JsonObj | None) -> dict[str, JsonObj]:
 
 
 CERT_MANAGER_USAGES = (
-    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
-    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any", "server auth",
-    "client auth", "code signing", "email protection", "s/mime", "ipsec end system", "ipsec tunnel",
-    "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
 )
 
 
@@ -262,12 +281,20 @@ NAMESPACE = Kind("Namespace", "namespaces", namespaced=False, status_subresource
 
 def cert_manager_kind(kind: str, plural: str, **options: Any) -> Kind:
     """A cert-manager custom resource: status subresource, no unconditional update, no strategic merge."""
-    return Kind(kind, plural, group="cert-manager.io", status_subresource=True, unconditional_update=False,
-                strategic_merge=False, **options)
+    return Kind(
+        kind,
+        plural,
+        group="cert-manager.io",
+        status_subresource=True,
+        unconditional_update=False,
+        strategic_merge=False,
+        **options,
+    )
 
 
-CERTIFICATE_REQUEST = cert_manager_kind("CertificateRequest", "certificaterequests", short_names=("cr", "crs"),
-                                        validate=_validate_certificate_request)
+CERTIFICATE_REQUEST = cert_manager_kind(
+    "CertificateRequest", "certificaterequests", short_names=("cr", "crs"), validate=_validate_certificate_request
+)
 ISSUER = cert_manager_kind("Issuer", "issuers")
 CLUSTER_ISSUER = cert_manager_kind("ClusterIssuer", "clusterissuers", namespaced=False)
 
@@ -339,8 +366,9 @@ def parse_label_selector(text: str) -> Matcher:
         if match["absent"]:
             requirements.append(Requirement(match["absent"], "!exists"))
         elif match["op"]:
-            requirements.append(Requirement(match["key"], "!=" if match["op"] == "!=" else "=",
-                                            frozenset({match["value"]})))
+            requirements.append(
+                Requirement(match["key"], "!=" if match["op"] == "!=" else "=", frozenset({match["value"]}))
+            )
         elif match["setop"]:
             values = frozenset(v.strip() for v in match["values"].split(",") if v.strip())
             requirements.append(Requirement(match["key"], match["setop"], values))
@@ -371,7 +399,7 @@ def parse_field_selector(kind: Kind, text: str) -> Callable[[JsonObj], bool]:
             raise bad_request(f"invalid selector: {part.strip()!r}; can't understand it")
         path, op, value = match.groups()
         if path not in allowed:
-            raise bad_request(f'field label not supported: {path}')
+            raise bad_request(f"field label not supported: {path}")
         terms.append((path, value, op == "!="))
 
     def matches(obj: JsonObj) -> bool:
@@ -641,16 +669,18 @@ class Store:
             _check_type(kind, body)
             meta = _meta(body)
             if meta.get("name", name) != name:
-                raise bad_request(f"the name of the object ({meta['name']}) does not match the name on the URL "
-                                  f"({name})")
+                raise bad_request(
+                    f"the name of the object ({meta['name']}) does not match the name on the URL ({name})"
+                )
             if kind.namespaced and meta.get("namespace", namespace) != namespace:
                 raise bad_request(
                     "the namespace of the provided object does not match the namespace sent on the request"
                 )
             wanted = meta.get("resourceVersion")
             if not wanted and not kind.unconditional_update:
-                raise invalid(kind, name, ["metadata.resourceVersion: Invalid value: 0x0: must be specified for "
-                                           "an update"])
+                raise invalid(
+                    kind, name, ["metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"]
+                )
             if wanted and wanted != _meta(old)["resourceVersion"]:
                 raise conflict(kind, name, STALE)
             if subresource == "status":
@@ -693,8 +723,12 @@ class Store:
             for field_name, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
                 wanted = preconditions.get(field_name)
                 if wanted and wanted != _meta(old).get(field_name):
-                    raise conflict(kind, name, f"Precondition failed: {label} in precondition: {wanted}, {label} "
-                                               f"in object meta: {_meta(old).get(field_name)}")
+                    raise conflict(
+                        kind,
+                        name,
+                        f"Precondition failed: {label} in precondition: {wanted}, {label} "
+                        f"in object meta: {_meta(old).get(field_name)}",
+                    )
             new = copy.deepcopy(old)
             if _meta(old).get("finalizers"):
                 if _meta(old).get("deletionTimestamp"):
@@ -747,8 +781,11 @@ class Store:
             self._watchers.discard(watcher)
 
     def bookmark(self, kind: Kind) -> JsonObj:
-        return {"kind": kind.kind, "apiVersion": kind.api_version,
-                "metadata": {"resourceVersion": str(self.resource_version)}}
+        return {
+            "kind": kind.kind,
+            "apiVersion": kind.api_version,
+            "metadata": {"resourceVersion": str(self.resource_version)},
+        }
 
     def send_bookmarks(self) -> int:
         with self.lock:
@@ -777,8 +814,10 @@ def _spec_part(obj: JsonObj) -> JsonObj:
 
 def _check_type(kind: Kind, obj: JsonObj) -> None:
     if obj.get("apiVersion", kind.api_version) != kind.api_version:
-        raise bad_request(f"the API version in the data ({obj['apiVersion']}) does not match the expected API "
-                          f"version ({kind.api_version})")
+        raise bad_request(
+            f"the API version in the data ({obj['apiVersion']}) does not match the expected API "
+            f"version ({kind.api_version})"
+        )
     if obj.get("kind", kind.kind) != kind.kind:
         raise bad_request(f"the kind in the data ({obj['kind']}) does not match the expected kind ({kind.kind})")
     obj["apiVersion"] = kind.api_version
@@ -802,8 +841,11 @@ class Rule:
         return all(
             mine in ("*", theirs)
             for mine, theirs in (
-                (self.verb, verb), (self.resource, resource), (self.group, group),
-                (self.namespace, namespace), (self.user, user),
+                (self.verb, verb),
+                (self.resource, resource),
+                (self.group, group),
+                (self.namespace, namespace),
+                (self.user, user),
             )
         )
 
@@ -890,11 +932,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         owner = self.server.owner
-        record: dict[str, Any] = {"user": "", "verb": method.lower(), "resource": "", "namespace": "", "name": "", "code": 200}
+        record: dict[str, Any] = {
+            "user": "",
+            "verb": method.lower(),
+            "resource": "",
+            "namespace": "",
+            "name": "",
+            "code": 200,
+        }
         try:
             if owner.down:
                 self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
                 return
             url = urlsplit(self.path)
             params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
@@ -907,7 +956,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 record["verb"], record["resource"] = "get", path
                 if method != "GET":
                     raise ApiError(405, "MethodNotAllowed", f"the server does not allow this method on {path}")
-                self._send(200, discovery)
+                self._answer(record, 200, discovery)
                 return
             route = owner.route(path)
             verb = _verb(method, route, params)
@@ -917,16 +966,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._watch(route, params, record)  # records the request once the stream has opened
                 return
             code, result = owner.handle(method, route, params, body, self.headers.get("Content-Type", ""))
-            record["code"] = code
-            self._send(code, result)
+            self._answer(record, code, result)
         except ApiError as err:
-            record["code"] = err.code
-            self._send(err.code, err.status())
+            self._answer(record, err.code, err.status())
         except (ConnectionError, ssl.SSLError, OSError):
             self.close_connection = True
         finally:
-            if not record.get("recorded"):
-                owner.record(RequestRecord(**record))
+            self._record(record)
+
+    def _answer(self, record: dict[str, Any], code: int, body: JsonObj) -> None:
+        """Record the request, then answer it (so a client that got its answer finds the record)."""
+        record["code"] = code
+        self._record(record)
+        self._send(code, body)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if not record.get("recorded"):
+            record["recorded"] = True
+            self.server.owner.record(RequestRecord(**{k: v for k, v in record.items() if k != "recorded"}))
 
     def _watch(self, route: Route, params: Mapping[str, str], record: dict[str, Any]) -> None:
         owner = self.server.owner
@@ -935,26 +992,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         bookmarks = params.get("allowWatchBookmarks") == "true"
         initial = params.get("sendInitialEvents") == "true"
         if initial and (params.get("resourceVersionMatch") != "NotOlderThan" or not bookmarks):
-            raise invalid(route.kind, "", ["resourceVersionMatch: Forbidden: sendInitialEvents requires "
-                                           "resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true"])
+            raise invalid(
+                route.kind,
+                "",
+                [
+                    "resourceVersionMatch: Forbidden: sendInitialEvents requires "
+                    "resourceVersionMatch=NotOlderThan and allowWatchBookmarks=true"
+                ],
+            )
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            watcher, first = store.watch(route.kind, route.namespace, matches, params.get("resourceVersion"),
-                                         bookmarks, initial)
+            watcher, first = store.watch(
+                route.kind, route.namespace, matches, params.get("resourceVersion"), bookmarks, initial
+            )
         except ApiError as err:
             if err.code != 410:
                 raise
             # An expired resourceVersion is not an HTTP error: the stream opens and says so in an ERROR event.
             record["code"] = 410
-            owner.record(RequestRecord(**record))
-            record["recorded"] = True
+            self._record(record)
             self._start_stream()
             self._chunk(json.dumps({"type": "ERROR", "object": err.status()}).encode() + b"\n")
             self._chunk(b"")
             return
-        owner.record(RequestRecord(**record))
-        record["recorded"] = True
+        self._record(record)
         self._start_stream()
         owner.watch_opened(watcher)
         try:
@@ -1002,8 +1064,7 @@ def _verb(method: str, route: Route, params: Mapping[str, str]) -> str:
         return "watch" if params.get("watch") in ("true", "1") else "list"
     if method == "POST":
         if route.name is not None:
-            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
-                                                    "resource")
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         return "create"
     if route.name is None:
         if method == "DELETE":
@@ -1049,7 +1110,9 @@ class _HttpServer(http.server.ThreadingHTTPServer):
             live = list(self.connections)
         for sock in live:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # the plain socket's shutdown: SSLSocket.shutdown would drop its TLS state first, and a
+                # handler thread still writing would then send plaintext into the TLS stream
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 # ----------------------------------------------------------------------------------------------- server
@@ -1088,8 +1151,9 @@ class KubeServer:
 
     # -- lifecycle
     def start(self) -> KubeServer:
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="kube-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, name="kube-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -1138,8 +1202,7 @@ class KubeServer:
             config.ssl_ca_cert = str(self.ca_path)
         return config
 
-    def kubeconfig(self, context: str = "kube-server", namespace: str = "default",
-                   token: str | None = None) -> JsonObj:
+    def kubeconfig(self, context: str = "kube-server", namespace: str = "default", token: str | None = None) -> JsonObj:
         """A kubeconfig document with one cluster, user and context pointing here."""
         token = token if token is not None else next(iter(self.tokens))
         cluster: JsonObj = {"server": self.url}
@@ -1150,13 +1213,18 @@ class KubeServer:
             "kind": "Config",
             "clusters": [{"name": f"{context}-cluster", "cluster": cluster}],
             "users": [{"name": f"{context}-user", "user": {"token": token}}],
-            "contexts": [{"name": context, "context": {"cluster": f"{context}-cluster", "user": f"{context}-user",
-                                                         "namespace": namespace}}],
+            "contexts": [
+                {
+                    "name": context,
+                    "context": {"cluster": f"{context}-cluster", "user": f"{context}-user", "namespace": namespace},
+                }
+            ],
             "current-context": context,
         }
 
-    def write_kubeconfig(self, path: Path, context: str = "kube-server", namespace: str = "default",
-                         token: str | None = None) -> Path:
+    def write_kubeconfig(
+        self, path: Path, context: str = "kube-server", namespace: str = "default", token: str | None = None
+    ) -> Path:
         path.write_text(yaml.safe_dump(self.kubeconfig(context, namespace, token)))
         return path
 
@@ -1170,8 +1238,9 @@ class KubeServer:
         return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.port)}
 
     # -- test controls
-    def deny(self, verb: str = "*", resource: str = "*", *, group: str = "*", namespace: str = "*",
-             user: str = "*") -> Rule:
+    def deny(
+        self, verb: str = "*", resource: str = "*", *, group: str = "*", namespace: str = "*", user: str = "*"
+    ) -> Rule:
         """Answer 403 Forbidden to matching requests until :meth:`allow` removes the rule."""
         rule = Rule(verb, resource, group, namespace, user)
         with self._lock:
@@ -1182,10 +1251,18 @@ class KubeServer:
         with self._lock:
             self.rules.remove(rule)
 
-    def inject_error(self, verb: str = "*", resource: str = "*", *, code: int = 500,
-                     reason: str = "InternalError", message: str = "an error on the server has prevented the "
-                     "request from succeeding", times: int | None = 1, namespace: str = "*", user: str = "*",
-                     ) -> InjectedError:
+    def inject_error(
+        self,
+        verb: str = "*",
+        resource: str = "*",
+        *,
+        code: int = 500,
+        reason: str = "InternalError",
+        message: str = "an error on the server has prevented the request from succeeding",
+        times: int | None = 1,
+        namespace: str = "*",
+        user: str = "*",
+    ) -> InjectedError:
         """Answer the next ``times`` matching requests (None: all, until removed) with this Status."""
         injected = InjectedError(Rule(verb, resource, "*", namespace, user), ApiError(code, reason, message), times)
         with self._lock:
@@ -1265,7 +1342,8 @@ class KubeServer:
             subject = f'{kind.qualified} "{route.name}"' if route.name else kind.qualified
             scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
             raise ApiError(
-                403, "Forbidden",
+                403,
+                "Forbidden",
                 f'{subject} is forbidden: User "{user}" cannot {verb} resource "{route.resource}" in API group '
                 f'"{kind.group}" {scope}',
                 _details(kind, route.name),
@@ -1276,7 +1354,7 @@ class KubeServer:
         for kind in self.kinds:
             if not path.startswith(kind.prefix + "/"):
                 continue
-            parts = path[len(kind.prefix) + 1:].split("/")
+            parts = path[len(kind.prefix) + 1 :].split("/")
             namespaced = len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == kind.plural
             if kind.namespaced and namespaced:
                 rest = parts[3:]
@@ -1299,8 +1377,9 @@ class KubeServer:
         fields = parse_field_selector(route.kind, params.get("fieldSelector", ""))
         return lambda obj: labels(_labels(obj)) and fields(obj)
 
-    def handle(self, method: str, route: Route, params: Mapping[str, str], body: Any,
-               content_type: str) -> tuple[int, JsonObj]:
+    def handle(
+        self, method: str, route: Route, params: Mapping[str, str], body: Any, content_type: str
+    ) -> tuple[int, JsonObj]:
         kind, store = route.kind, self.store
         namespace = route.namespace or ""
         if method == "GET" and route.name is not None:
@@ -1311,8 +1390,9 @@ class KubeServer:
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be a JSON object")
             if kind.namespaced and route.namespace is None:
-                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested "
-                                                        "resource")
+                raise ApiError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
             return 201, store.create(kind, namespace, body)
         if method == "DELETE" and route.name is None:
             matches = self.matcher(route, params)
@@ -1321,8 +1401,12 @@ class KubeServer:
                 with contextlib.suppress(ApiError):
                     if store.delete(kind, _meta(obj).get("namespace", ""), _meta(obj)["name"], {}) is None:
                         deleted.append(obj)
-            return 200, {"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
-                         "metadata": {"resourceVersion": str(store.resource_version)}, "items": deleted}
+            return 200, {
+                "kind": f"{kind.kind}List",
+                "apiVersion": kind.api_version,
+                "metadata": {"resourceVersion": str(store.resource_version)},
+                "items": deleted,
+            }
         assert route.name is not None
         name = route.name
         if method == "DELETE":
@@ -1331,8 +1415,7 @@ class KubeServer:
             if remaining is not None:
                 return 200, remaining
             details = _details(kind, name)
-            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                         "details": details}
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
         if method == "PUT":
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be a JSON object")
@@ -1348,8 +1431,11 @@ class KubeServer:
             accepted = "application/json-patch+json, application/merge-patch+json"
             if kind.strategic_merge:
                 accepted += ", application/strategic-merge-patch+json"
-            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
-                                                        f"accepted media types include: {accepted}")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types include: {accepted}",
+            )
         return 200, store.update(kind, namespace, name, change, route.subresource)
 
     def _list(self, route: Route, params: Mapping[str, str]) -> JsonObj:
@@ -1375,13 +1461,23 @@ class KubeServer:
 
     def discovery(self, path: str) -> JsonObj | None:
         if path == "/version":
-            return {"major": "1", "minor": "31", "gitVersion": "v1.31.0-mesh-identity-test", "gitCommit": "test",
-                    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
-                    "compiler": "gc", "platform": "linux/amd64"}
+            return {
+                "major": "1",
+                "minor": "31",
+                "gitVersion": "v1.31.0-mesh-identity-test",
+                "gitCommit": "test",
+                "gitTreeState": "clean",
+                "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.23",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }
         if path == "/api":
-            return {"kind": "APIVersions", "versions": ["v1"],
-                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
-                                                    "serverAddress": f"127.0.0.1:{self.port}"}]}
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}],
+            }
         groups: dict[str, list[str]] = {}
         for kind in self.kinds:
             if kind.group:
@@ -1389,8 +1485,11 @@ class KubeServer:
                 if kind.version not in versions:
                     versions.append(kind.version)
         if path == "/apis":
-            return {"kind": "APIGroupList", "apiVersion": "v1",
-                    "groups": [_api_group(g, vs) for g, vs in sorted(groups.items())]}
+            return {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [_api_group(g, vs) for g, vs in sorted(groups.items())],
+            }
         for group, versions in groups.items():
             if path == f"/apis/{group}":
                 return {"kind": "APIGroup", "apiVersion": "v1", **_api_group(group, versions)}
@@ -1399,15 +1498,32 @@ class KubeServer:
             kinds = [k for k in self.kinds if k.prefix == path]
             resources: list[JsonObj] = []
             for kind in kinds:
-                resources.append({"name": kind.plural, "singularName": kind.kind.lower(),
-                                  "namespaced": kind.namespaced, "kind": kind.kind, "verbs": list(ALL_VERBS),
-                                  "shortNames": list(kind.short_names)})
+                resources.append(
+                    {
+                        "name": kind.plural,
+                        "singularName": kind.kind.lower(),
+                        "namespaced": kind.namespaced,
+                        "kind": kind.kind,
+                        "verbs": list(ALL_VERBS),
+                        "shortNames": list(kind.short_names),
+                    }
+                )
                 if kind.status_subresource:
-                    resources.append({"name": f"{kind.plural}/status", "singularName": "",
-                                      "namespaced": kind.namespaced, "kind": kind.kind,
-                                      "verbs": ["get", "patch", "update"]})
-            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": kinds[0].api_version,
-                    "resources": resources}
+                    resources.append(
+                        {
+                            "name": f"{kind.plural}/status",
+                            "singularName": "",
+                            "namespaced": kind.namespaced,
+                            "kind": kind.kind,
+                            "verbs": ["get", "patch", "update"],
+                        }
+                    )
+            return {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": kinds[0].api_version,
+                "resources": resources,
+            }
         return None
 
     # -- TLS
@@ -1416,9 +1532,13 @@ class KubeServer:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-server test CA")])
         ca_cert = (
-            x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .sign(ca_key, hashes.SHA256())
@@ -1427,19 +1547,31 @@ class KubeServer:
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
-            ]), critical=False)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        x509.DNSName("localhost"),
+                    ]
+                ),
+                critical=False,
+            )
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         directory = Path(self._tmp.name)
         self.ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / "tls.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (directory / "tls.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(directory / "tls.crt", directory / "tls.key")
         return context

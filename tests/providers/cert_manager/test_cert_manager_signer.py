@@ -41,7 +41,8 @@ def csr_b64(uri: str = SPIFFE, common_name: str | None = None) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
     csr = (
-        x509.CertificateSigningRequestBuilder().subject_name(subject)
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -50,13 +51,16 @@ def csr_b64(uri: str = SPIFFE, common_name: str | None = None) -> str:
 
 def request(name: str, issuer: str = "mesh-ca", kind: str = "Issuer", group: str = G, **spec: Any) -> dict[str, Any]:
     return {
-        "apiVersion": f"{G}/{V}", "kind": "CertificateRequest", "metadata": {"name": name},
+        "apiVersion": f"{G}/{V}",
+        "kind": "CertificateRequest",
+        "metadata": {"name": name},
         "spec": {"request": csr_b64(), "issuerRef": {"name": issuer, "kind": kind, "group": group}, **spec},
     }
 
 
-def submit(custom: kubernetes.client.CustomObjectsApi, signer: CertManagerSigner, body: dict[str, Any],
-           outcomes: int = 1) -> dict[str, Any]:
+def submit(
+    custom: kubernetes.client.CustomObjectsApi, signer: CertManagerSigner, body: dict[str, Any], outcomes: int = 1
+) -> dict[str, Any]:
     """Create a request, wait for the signer to finish with it, and read it back."""
     before = len(signer.outcomes)
     custom.create_namespaced_custom_object(G, V, NS, CRS, body)
@@ -93,7 +97,9 @@ def test_issues_a_certificate_as_a_ca_issuer(
     key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     assert (key_usage.digital_signature, key_usage.key_encipherment, key_usage.key_cert_sign) == (True, True, False)
     assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
     assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
 
 
@@ -102,8 +108,13 @@ def test_is_ca_request_under_an_intermediate_cluster_issuer(
 ) -> None:
     intermediate = TestCa.create("test intermediate", parent=root)
     cert_manager_signer.add_ca_issuer("upstream", intermediate)
-    cr = submit(custom, cert_manager_signer, request("mesh-intermediate", issuer="upstream", kind="ClusterIssuer",
-                                                     isCA=True, usages=["cert sign", "crl sign"]))
+    cr = submit(
+        custom,
+        cert_manager_signer,
+        request(
+            "mesh-intermediate", issuer="upstream", kind="ClusterIssuer", isCA=True, usages=["cert sign", "crl sign"]
+        ),
+    )
     assert conditions(cr)["Ready"][1] == "Issued"
     leaf, chain = certificates(cr)
     assert chain == intermediate.certificate
@@ -120,8 +131,9 @@ def test_is_ca_request_under_an_intermediate_cluster_issuer(
 def test_default_usages_and_duration(
     cert_manager_signer: CertManagerSigner, custom: kubernetes.client.CustomObjectsApi, root: TestCa
 ) -> None:
-    cert_manager_signer.add_ca_issuer("mesh-ca", TestCa.create("long root", lifetime=dt.timedelta(days=365)),
-                                      namespace=NS)
+    cert_manager_signer.add_ca_issuer(
+        "mesh-ca", TestCa.create("long root", lifetime=dt.timedelta(days=365)), namespace=NS
+    )
     [leaf] = certificates(submit(custom, cert_manager_signer, request("defaults")))
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(days=90, seconds=30)
     key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -151,32 +163,66 @@ def test_omit_ca_leaves_status_ca_empty(
 
 
 OUTCOMES = [
-    ("deny", Behaviour.DENY, "mesh-ca", "Issuer", {
-        "Denied": ("True", "cert-manager.io", "Denied by mesh-identity test policy"),
-        "Ready": ("False", "Denied", "The CertificateRequest was denied by an approval controller"),
-    }),
-    ("fail", Behaviour.FAIL, "mesh-ca", "Issuer", {
-        "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
-        "Ready": ("False", "Failed", "Failed to sign certificate: the issuing CA refused the request"),
-    }),
-    ("stall", Behaviour.STALL, "mesh-ca", "Issuer", {
-        "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
-        "Ready": ("False", "Pending", "Waiting on certificate issuance from the issuer"),
-    }),
-    ("issuer not found", Behaviour.ISSUE, "missing", "Issuer", {
-        "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
-        "Ready": ("False", "Pending", 'Referenced "Issuer" not found: issuer.cert-manager.io "missing" not found'),
-    }),
-    ("cluster issuer not found", Behaviour.ISSUE, "missing", "ClusterIssuer", {
-        "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
-        "Ready": ("False", "Pending",
-                  'Referenced "ClusterIssuer" not found: clusterissuer.cert-manager.io "missing" not found'),
-    }),
+    (
+        "deny",
+        Behaviour.DENY,
+        "mesh-ca",
+        "Issuer",
+        {
+            "Denied": ("True", "cert-manager.io", "Denied by mesh-identity test policy"),
+            "Ready": ("False", "Denied", "The CertificateRequest was denied by an approval controller"),
+        },
+    ),
+    (
+        "fail",
+        Behaviour.FAIL,
+        "mesh-ca",
+        "Issuer",
+        {
+            "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
+            "Ready": ("False", "Failed", "Failed to sign certificate: the issuing CA refused the request"),
+        },
+    ),
+    (
+        "stall",
+        Behaviour.STALL,
+        "mesh-ca",
+        "Issuer",
+        {
+            "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
+            "Ready": ("False", "Pending", "Waiting on certificate issuance from the issuer"),
+        },
+    ),
+    (
+        "issuer not found",
+        Behaviour.ISSUE,
+        "missing",
+        "Issuer",
+        {
+            "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
+            "Ready": ("False", "Pending", 'Referenced "Issuer" not found: issuer.cert-manager.io "missing" not found'),
+        },
+    ),
+    (
+        "cluster issuer not found",
+        Behaviour.ISSUE,
+        "missing",
+        "ClusterIssuer",
+        {
+            "Approved": ("True", "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
+            "Ready": (
+                "False",
+                "Pending",
+                'Referenced "ClusterIssuer" not found: clusterissuer.cert-manager.io "missing" not found',
+            ),
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize(("behaviour", "issuer", "kind", "expected"), [o[1:] for o in OUTCOMES],
-                         ids=[o[0] for o in OUTCOMES])
+@pytest.mark.parametrize(
+    ("behaviour", "issuer", "kind", "expected"), [o[1:] for o in OUTCOMES], ids=[o[0] for o in OUTCOMES]
+)
 def test_unsuccessful_outcomes(
     cert_manager_signer: CertManagerSigner,
     custom: kubernetes.client.CustomObjectsApi,
@@ -220,8 +266,7 @@ def test_ignored_and_external_requests_are_left_alone(
     cert_manager_signer: CertManagerSigner, custom: kubernetes.client.CustomObjectsApi, root: TestCa
 ) -> None:
     cert_manager_signer.add_ca_issuer("mesh-ca", root, namespace=NS)
-    cert_manager_signer.decide = (
-        lambda cr: Behaviour.IGNORE if cr["metadata"]["name"] == "ignored" else Behaviour.ISSUE)
+    cert_manager_signer.decide = lambda cr: Behaviour.IGNORE if cr["metadata"]["name"] == "ignored" else Behaviour.ISSUE
     custom.create_namespaced_custom_object(G, V, NS, CRS, request("ignored"))
     custom.create_namespaced_custom_object(G, V, NS, CRS, request("external", group="awspca.cert-manager.io"))
     submit(custom, cert_manager_signer, request("after"))  # handled strictly after the two above
@@ -245,7 +290,9 @@ def test_signer_survives_an_outage_and_an_expired_watch(
 
 
 def test_signer_writes_as_its_own_user(
-    kube_server: KubeServer, cert_manager_signer: CertManagerSigner, custom: kubernetes.client.CustomObjectsApi,
+    kube_server: KubeServer,
+    cert_manager_signer: CertManagerSigner,
+    custom: kubernetes.client.CustomObjectsApi,
     root: TestCa,
 ) -> None:
     cert_manager_signer.add_ca_issuer("mesh-ca", root, namespace=NS)
@@ -254,13 +301,16 @@ def test_signer_writes_as_its_own_user(
     assert status_writers == {SIGNER_USER}
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2160h", dt.timedelta(days=90)),
-    ("1h30m0s", dt.timedelta(minutes=90)),
-    ("90s", dt.timedelta(seconds=90)),
-    ("1.5h", dt.timedelta(minutes=90)),
-    ("500ms", dt.timedelta(milliseconds=500)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2160h", dt.timedelta(days=90)),
+        ("1h30m0s", dt.timedelta(minutes=90)),
+        ("90s", dt.timedelta(seconds=90)),
+        ("1.5h", dt.timedelta(minutes=90)),
+        ("500ms", dt.timedelta(milliseconds=500)),
+    ],
+)
 def test_parse_go_duration(text: str, expected: dt.timedelta) -> None:
     assert parse_go_duration(text) == expected
 

@@ -53,7 +53,8 @@ def api_error(call: Callable[[], object]) -> tuple[int, str, str]:
 
 def test_secret_crud_through_core_api(core: kubernetes.client.CoreV1Api) -> None:
     created = core.create_namespaced_secret(
-        NS, {"metadata": {"name": "s1", "labels": {"app": "a"}}, "stringData": {"token": "hunter2"}})
+        NS, {"metadata": {"name": "s1", "labels": {"app": "a"}}, "stringData": {"token": "hunter2"}}
+    )
     assert created.data == {"token": base64.b64encode(b"hunter2").decode()}
     assert created.type == "Opaque"
     assert created.metadata.uid
@@ -96,8 +97,12 @@ def test_certificate_request_crud_through_custom_objects_api(custom: kubernetes.
 
 
 def test_cluster_scoped_kind(custom: kubernetes.client.CustomObjectsApi) -> None:
-    body = {"apiVersion": f"{G}/{V}", "kind": "ClusterIssuer", "metadata": {"name": "root", "namespace": "x"},
-            "spec": {"ca": {"secretName": "root-ca"}}}
+    body = {
+        "apiVersion": f"{G}/{V}",
+        "kind": "ClusterIssuer",
+        "metadata": {"name": "root", "namespace": "x"},
+        "spec": {"ca": {"secretName": "root-ca"}},
+    }
     created = custom.create_cluster_custom_object(G, V, "clusterissuers", body)
     assert "namespace" not in created["metadata"]
     created["spec"]["ca"]["secretName"] = "new-ca"
@@ -161,14 +166,18 @@ def test_generate_name(custom: kubernetes.client.CustomObjectsApi) -> None:
 
 
 def test_patch_flavours(core: kubernetes.client.CoreV1Api, custom: kubernetes.client.CustomObjectsApi) -> None:
-    core.create_namespaced_config_map(NS, {"metadata": {"name": "c", "labels": {"a": "1", "b": "2"}},
-                                           "data": {"x": "1"}})
+    core.create_namespaced_config_map(
+        NS, {"metadata": {"name": "c", "labels": {"a": "1", "b": "2"}}, "data": {"x": "1"}}
+    )
     merged = core.patch_namespaced_config_map("c", NS, {"metadata": {"labels": {"a": None}}, "data": {"y": "2"}})
     assert merged.metadata.labels == {"b": "2"}
     assert merged.data == {"x": "1", "y": "2"}
-    ops = [{"op": "add", "path": "/data/z", "value": "3"}, {"op": "remove", "path": "/data/x"},
-           {"op": "test", "path": "/data/y", "value": "2"}, {"op": "replace", "path": "/metadata/labels/b",
-                                                              "value": "9"}]
+    ops = [
+        {"op": "add", "path": "/data/z", "value": "3"},
+        {"op": "remove", "path": "/data/x"},
+        {"op": "test", "path": "/data/y", "value": "2"},
+        {"op": "replace", "path": "/metadata/labels/b", "value": "9"},
+    ]
     patched = core.patch_namespaced_config_map("c", NS, ops)
     assert patched.data == {"y": "2", "z": "3"}
     assert patched.metadata.labels == {"b": "9"}
@@ -180,100 +189,207 @@ def test_patch_flavours(core: kubernetes.client.CoreV1Api, custom: kubernetes.cl
 
 # -------------------------------------------------------------------------------------------------- errors
 
-ERRORS: list[tuple[str, Callable[[kubernetes.client.CoreV1Api, kubernetes.client.CustomObjectsApi], object],
-                   int, str, str]] = [
-    ("missing secret",
-     lambda core, custom: core.read_namespaced_secret("nope", NS),
-     404, "NotFound", 'secrets "nope" not found'),
-    ("missing certificate request",
-     lambda core, custom: custom.get_namespaced_custom_object(G, V, NS, CRS, "nope"),
-     404, "NotFound", 'certificaterequests.cert-manager.io "nope" not found'),
-    ("delete missing certificate request",
-     lambda core, custom: custom.delete_namespaced_custom_object(G, V, NS, CRS, "nope"),
-     404, "NotFound", 'certificaterequests.cert-manager.io "nope" not found'),
-    ("duplicate secret",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "taken"}}),
-     409, "AlreadyExists", 'secrets "taken" already exists'),
-    ("duplicate certificate request",
-     lambda core, custom: custom.create_namespaced_custom_object(G, V, NS, CRS, cr_body("existing")),
-     409, "AlreadyExists", 'certificaterequests.cert-manager.io "existing" already exists'),
-    ("stale resourceVersion on replace",
-     lambda core, custom: core.replace_namespaced_secret(
-         "taken", NS, {"metadata": {"name": "taken", "resourceVersion": "1"}}),
-     409, "Conflict", 'Operation cannot be fulfilled on secrets "taken": the object has been modified; please '
-                      "apply your changes to the latest version and try again"),
-    ("stale resourceVersion in a merge patch",
-     lambda core, custom: custom.patch_namespaced_custom_object_status(
-         G, V, NS, CRS, "existing", {"metadata": {"resourceVersion": "1"}, "status": {"ca": "eA=="}}),
-     409, "Conflict", 'Operation cannot be fulfilled on certificaterequests.cert-manager.io "existing": the '
-                      "object has been modified; please apply your changes to the latest version and try again"),
-    ("delete precondition",
-     lambda core, custom: core.delete_namespaced_secret(
-         "taken", NS, body={"preconditions": {"uid": "0000"}}),
-     409, "Conflict", 'Operation cannot be fulfilled on secrets "taken": Precondition failed: UID in '
-                      "precondition: 0000, UID in object meta: {uid}"),
-    ("custom object update without resourceVersion",
-     lambda core, custom: custom.replace_namespaced_custom_object(G, V, NS, CRS, "existing", cr_body("existing")),
-     422, "Invalid", 'CertificateRequest.cert-manager.io "existing" is invalid: metadata.resourceVersion: '
-                     "Invalid value: 0x0: must be specified for an update"),
-    ("immutable certificate request spec",
-     lambda core, custom: custom.patch_namespaced_custom_object(
-         G, V, NS, CRS, "existing", {"spec": {"duration": "1h"}}),
-     422, "Invalid", 'CertificateRequest.cert-manager.io "existing" is invalid: spec: Forbidden: field is '
-                     "immutable"),
-    ("certificate request without request or issuer",
-     lambda core, custom: custom.create_namespaced_custom_object(
-         G, V, NS, CRS, {"metadata": {"name": "empty"}, "spec": {}}),
-     422, "Invalid", 'CertificateRequest.cert-manager.io "empty" is invalid: [spec.request: Required value, '
-                     "spec.issuerRef.name: Required value]"),
-    ("certificate request with an unknown usage",
-     lambda core, custom: custom.create_namespaced_custom_object(
-         G, V, NS, CRS, cr_body("u", usages=["server auth", "world domination"])),
-     422, "Invalid", 'CertificateRequest.cert-manager.io "u" is invalid: spec.usages[1]: Unsupported value: '
-                     '"world domination"'),
-    ("approval then denial",
-     lambda core, custom: custom.patch_namespaced_custom_object_status(
-         G, V, NS, CRS, "approved", {"status": {"conditions": [
-             {"type": "Approved", "status": "True"}, {"type": "Denied", "status": "True"}]}}),
-     422, "Invalid", 'CertificateRequest.cert-manager.io "approved" is invalid: status.conditions: Forbidden: '
-                     "'Approved' and 'Denied' conditions cannot coexist"),
-    ("invalid name",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "Bad_Name"}}),
-     422, "Invalid", "Secret \"Bad_Name\" is invalid: metadata.name: Invalid value: 'Bad_Name': a lowercase RFC "
-                     "1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
-                     "start and end with an alphanumeric character (e.g. 'example.com', regex used for "
-                     r"validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"),
-    ("no name",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {}}),
-     422, "Invalid", 'Secret "" is invalid: metadata.name: Required value: name or generateName is required'),
-    ("namespace mismatch",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "x", "namespace": "other"}}),
-     400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request"),
-    ("name mismatch",
-     lambda core, custom: core.replace_namespaced_secret("taken", NS, {"metadata": {"name": "other"}}),
-     400, "BadRequest", "the name of the object (other) does not match the name on the URL (taken)"),
-    ("resourceVersion on create",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "x", "resourceVersion": "5"}}),
-     400, "BadRequest", "resourceVersion should not be set on objects to be created"),
-    ("kind mismatch",
-     lambda core, custom: custom.create_namespaced_custom_object(
-         G, V, NS, CRS, {**cr_body("k"), "kind": "Certificate"}),
-     400, "BadRequest", "the kind in the data (Certificate) does not match the expected kind (CertificateRequest)"),
-    ("secret data that is not base64",
-     lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "b"}, "data": {"k": "%%%"}}),
-     400, "BadRequest", 'Secret in version "v1" cannot be handled as a Secret: illegal base64 data in data.k'),
-    ("bad label selector",
-     lambda core, custom: core.list_namespaced_secret(NS, label_selector="a in (b"),
-     400, "BadRequest", "unable to parse requirement: 'a in (b'"),
-    ("unsupported field selector",
-     lambda core, custom: core.list_namespaced_secret(NS, field_selector="spec.nodeName=x"),
-     400, "BadRequest", "field label not supported: spec.nodeName"),
-    ("strategic merge patch on a custom resource",
-     lambda core, custom: custom.patch_namespaced_custom_object(
-         G, V, NS, CRS, "existing", {"metadata": {"labels": {"a": "b"}}},
-         _content_type="application/strategic-merge-patch+json"),
-     415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted media types "
-                                  "include: application/json-patch+json, application/merge-patch+json"),
+ERRORS: list[
+    tuple[str, Callable[[kubernetes.client.CoreV1Api, kubernetes.client.CustomObjectsApi], object], int, str, str]
+] = [
+    (
+        "missing secret",
+        lambda core, custom: core.read_namespaced_secret("nope", NS),
+        404,
+        "NotFound",
+        'secrets "nope" not found',
+    ),
+    (
+        "missing certificate request",
+        lambda core, custom: custom.get_namespaced_custom_object(G, V, NS, CRS, "nope"),
+        404,
+        "NotFound",
+        'certificaterequests.cert-manager.io "nope" not found',
+    ),
+    (
+        "delete missing certificate request",
+        lambda core, custom: custom.delete_namespaced_custom_object(G, V, NS, CRS, "nope"),
+        404,
+        "NotFound",
+        'certificaterequests.cert-manager.io "nope" not found',
+    ),
+    (
+        "duplicate secret",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "taken"}}),
+        409,
+        "AlreadyExists",
+        'secrets "taken" already exists',
+    ),
+    (
+        "duplicate certificate request",
+        lambda core, custom: custom.create_namespaced_custom_object(G, V, NS, CRS, cr_body("existing")),
+        409,
+        "AlreadyExists",
+        'certificaterequests.cert-manager.io "existing" already exists',
+    ),
+    (
+        "stale resourceVersion on replace",
+        lambda core, custom: core.replace_namespaced_secret(
+            "taken", NS, {"metadata": {"name": "taken", "resourceVersion": "1"}}
+        ),
+        409,
+        "Conflict",
+        'Operation cannot be fulfilled on secrets "taken": the object has been modified; please '
+        "apply your changes to the latest version and try again",
+    ),
+    (
+        "stale resourceVersion in a merge patch",
+        lambda core, custom: custom.patch_namespaced_custom_object_status(
+            G, V, NS, CRS, "existing", {"metadata": {"resourceVersion": "1"}, "status": {"ca": "eA=="}}
+        ),
+        409,
+        "Conflict",
+        'Operation cannot be fulfilled on certificaterequests.cert-manager.io "existing": the '
+        "object has been modified; please apply your changes to the latest version and try again",
+    ),
+    (
+        "delete precondition",
+        lambda core, custom: core.delete_namespaced_secret("taken", NS, body={"preconditions": {"uid": "0000"}}),
+        409,
+        "Conflict",
+        'Operation cannot be fulfilled on secrets "taken": Precondition failed: UID in '
+        "precondition: 0000, UID in object meta: {uid}",
+    ),
+    (
+        "custom object update without resourceVersion",
+        lambda core, custom: custom.replace_namespaced_custom_object(G, V, NS, CRS, "existing", cr_body("existing")),
+        422,
+        "Invalid",
+        'CertificateRequest.cert-manager.io "existing" is invalid: metadata.resourceVersion: '
+        "Invalid value: 0x0: must be specified for an update",
+    ),
+    (
+        "immutable certificate request spec",
+        lambda core, custom: custom.patch_namespaced_custom_object(
+            G, V, NS, CRS, "existing", {"spec": {"duration": "1h"}}
+        ),
+        422,
+        "Invalid",
+        'CertificateRequest.cert-manager.io "existing" is invalid: spec: Forbidden: field is immutable',
+    ),
+    (
+        "certificate request without request or issuer",
+        lambda core, custom: custom.create_namespaced_custom_object(
+            G, V, NS, CRS, {"metadata": {"name": "empty"}, "spec": {}}
+        ),
+        422,
+        "Invalid",
+        'CertificateRequest.cert-manager.io "empty" is invalid: [spec.request: Required value, '
+        "spec.issuerRef.name: Required value]",
+    ),
+    (
+        "certificate request with an unknown usage",
+        lambda core, custom: custom.create_namespaced_custom_object(
+            G, V, NS, CRS, cr_body("u", usages=["server auth", "world domination"])
+        ),
+        422,
+        "Invalid",
+        'CertificateRequest.cert-manager.io "u" is invalid: spec.usages[1]: Unsupported value: "world domination"',
+    ),
+    (
+        "approval then denial",
+        lambda core, custom: custom.patch_namespaced_custom_object_status(
+            G,
+            V,
+            NS,
+            CRS,
+            "approved",
+            {"status": {"conditions": [{"type": "Approved", "status": "True"}, {"type": "Denied", "status": "True"}]}},
+        ),
+        422,
+        "Invalid",
+        'CertificateRequest.cert-manager.io "approved" is invalid: status.conditions: Forbidden: '
+        "'Approved' and 'Denied' conditions cannot coexist",
+    ),
+    (
+        "invalid name",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "Bad_Name"}}),
+        422,
+        "Invalid",
+        "Secret \"Bad_Name\" is invalid: metadata.name: Invalid value: 'Bad_Name': a lowercase RFC "
+        "1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
+        "start and end with an alphanumeric character (e.g. 'example.com', regex used for "
+        r"validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+    ),
+    (
+        "no name",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {}}),
+        422,
+        "Invalid",
+        'Secret "" is invalid: metadata.name: Required value: name or generateName is required',
+    ),
+    (
+        "namespace mismatch",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "x", "namespace": "other"}}),
+        400,
+        "BadRequest",
+        "the namespace of the provided object does not match the namespace sent on the request",
+    ),
+    (
+        "name mismatch",
+        lambda core, custom: core.replace_namespaced_secret("taken", NS, {"metadata": {"name": "other"}}),
+        400,
+        "BadRequest",
+        "the name of the object (other) does not match the name on the URL (taken)",
+    ),
+    (
+        "resourceVersion on create",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "x", "resourceVersion": "5"}}),
+        400,
+        "BadRequest",
+        "resourceVersion should not be set on objects to be created",
+    ),
+    (
+        "kind mismatch",
+        lambda core, custom: custom.create_namespaced_custom_object(
+            G, V, NS, CRS, {**cr_body("k"), "kind": "Certificate"}
+        ),
+        400,
+        "BadRequest",
+        "the kind in the data (Certificate) does not match the expected kind (CertificateRequest)",
+    ),
+    (
+        "secret data that is not base64",
+        lambda core, custom: core.create_namespaced_secret(NS, {"metadata": {"name": "b"}, "data": {"k": "%%%"}}),
+        400,
+        "BadRequest",
+        'Secret in version "v1" cannot be handled as a Secret: illegal base64 data in data.k',
+    ),
+    (
+        "bad label selector",
+        lambda core, custom: core.list_namespaced_secret(NS, label_selector="a in (b"),
+        400,
+        "BadRequest",
+        "unable to parse requirement: 'a in (b'",
+    ),
+    (
+        "unsupported field selector",
+        lambda core, custom: core.list_namespaced_secret(NS, field_selector="spec.nodeName=x"),
+        400,
+        "BadRequest",
+        "field label not supported: spec.nodeName",
+    ),
+    (
+        "strategic merge patch on a custom resource",
+        lambda core, custom: custom.patch_namespaced_custom_object(
+            G,
+            V,
+            NS,
+            CRS,
+            "existing",
+            {"metadata": {"labels": {"a": "b"}}},
+            _content_type="application/strategic-merge-patch+json",
+        ),
+        415,
+        "UnsupportedMediaType",
+        "the body of the request was in an unknown format - accepted media types "
+        "include: application/json-patch+json, application/merge-patch+json",
+    ),
 ]
 
 
@@ -298,36 +414,59 @@ def test_errors_are_status_objects(
 def test_unknown_token_is_unauthorized(kube_server: KubeServer) -> None:
     with kubernetes.client.ApiClient(kube_server.client_configuration("wrong-token")) as api:
         assert api_error(lambda: kubernetes.client.CoreV1Api(api).list_namespaced_secret(NS)) == (
-            401, "Unauthorized", "Unauthorized")
+            401,
+            "Unauthorized",
+            "Unauthorized",
+        )
 
 
 def test_unknown_resource_is_not_found(kube_api_client: kubernetes.client.ApiClient) -> None:
     custom = kubernetes.client.CustomObjectsApi(kube_api_client)
     assert api_error(lambda: custom.list_namespaced_custom_object(G, V, NS, "certificates")) == (
-        404, "NotFound", "the server could not find the requested resource")
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 
 
 FORBIDDEN = [
-    ("create", "certificaterequests", lambda core, custom: custom.create_namespaced_custom_object(
-        G, V, NS, CRS, cr_body("new")),
-     'certificaterequests.cert-manager.io is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" '
-     'cannot create resource "certificaterequests" in API group "cert-manager.io" in the namespace "mesh"'),
-    ("get", "secrets", lambda core, custom: core.read_namespaced_secret("bundle", NS),
-     'secrets "bundle" is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" cannot get '
-     'resource "secrets" in API group "" in the namespace "mesh"'),
-    ("list", "configmaps", lambda core, custom: core.list_config_map_for_all_namespaces(),
-     'configmaps is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" cannot list resource '
-     '"configmaps" in API group "" at the cluster scope'),
-    ("update", "certificaterequests/status", lambda core, custom: custom.patch_namespaced_custom_object_status(
-        G, V, NS, CRS, "existing", {"status": {}}),
-     'certificaterequests.cert-manager.io "existing" is forbidden: User '
-     '"system:serviceaccount:mesh-identity:mesh-identity" cannot patch resource "certificaterequests/status" in '
-     'API group "cert-manager.io" in the namespace "mesh"'),
-    ("delete", "certificaterequests", lambda core, custom: custom.delete_namespaced_custom_object(
-        G, V, NS, CRS, "existing"),
-     'certificaterequests.cert-manager.io "existing" is forbidden: User '
-     '"system:serviceaccount:mesh-identity:mesh-identity" cannot delete resource "certificaterequests" in API '
-     'group "cert-manager.io" in the namespace "mesh"'),
+    (
+        "create",
+        "certificaterequests",
+        lambda core, custom: custom.create_namespaced_custom_object(G, V, NS, CRS, cr_body("new")),
+        'certificaterequests.cert-manager.io is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" '
+        'cannot create resource "certificaterequests" in API group "cert-manager.io" in the namespace "mesh"',
+    ),
+    (
+        "get",
+        "secrets",
+        lambda core, custom: core.read_namespaced_secret("bundle", NS),
+        'secrets "bundle" is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" cannot get '
+        'resource "secrets" in API group "" in the namespace "mesh"',
+    ),
+    (
+        "list",
+        "configmaps",
+        lambda core, custom: core.list_config_map_for_all_namespaces(),
+        'configmaps is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" cannot list resource '
+        '"configmaps" in API group "" at the cluster scope',
+    ),
+    (
+        "update",
+        "certificaterequests/status",
+        lambda core, custom: custom.patch_namespaced_custom_object_status(G, V, NS, CRS, "existing", {"status": {}}),
+        'certificaterequests.cert-manager.io "existing" is forbidden: User '
+        '"system:serviceaccount:mesh-identity:mesh-identity" cannot patch resource "certificaterequests/status" in '
+        'API group "cert-manager.io" in the namespace "mesh"',
+    ),
+    (
+        "delete",
+        "certificaterequests",
+        lambda core, custom: custom.delete_namespaced_custom_object(G, V, NS, CRS, "existing"),
+        'certificaterequests.cert-manager.io "existing" is forbidden: User '
+        '"system:serviceaccount:mesh-identity:mesh-identity" cannot delete resource "certificaterequests" in API '
+        'group "cert-manager.io" in the namespace "mesh"',
+    ),
 ]
 
 
@@ -363,11 +502,15 @@ def test_deny_rule_applies_to_one_user_only(kube_server: KubeServer, core: kuber
 def test_injected_error_answers_the_given_number_of_times(
     kube_server: KubeServer, core: kubernetes.client.CoreV1Api
 ) -> None:
-    kube_server.inject_error("create", "secrets", code=503, reason="ServiceUnavailable", message="etcd is down",
-                             times=2)
+    kube_server.inject_error(
+        "create", "secrets", code=503, reason="ServiceUnavailable", message="etcd is down", times=2
+    )
     for _ in range(2):
         assert api_error(lambda: core.create_namespaced_secret(NS, {"metadata": {"name": "s"}})) == (
-            503, "ServiceUnavailable", "etcd is down")
+            503,
+            "ServiceUnavailable",
+            "etcd is down",
+        )
     assert core.create_namespaced_secret(NS, {"metadata": {"name": "s"}}).metadata.name == "s"
 
 
@@ -388,8 +531,12 @@ SELECTORS = [
 
 @pytest.mark.parametrize(("selector", "names"), SELECTORS)
 def test_label_selectors(core: kubernetes.client.CoreV1Api, selector: str, names: list[str]) -> None:
-    for name, labels in [("a", {"app": "web", "tier": "front"}), ("b", {"app": "web", "tier": "back"}),
-                         ("c", {"app": "db", "tier": "back"}), ("d", {"example.com/owner": "mesh-identity"})]:
+    for name, labels in [
+        ("a", {"app": "web", "tier": "front"}),
+        ("b", {"app": "web", "tier": "back"}),
+        ("c", {"app": "db", "tier": "back"}),
+        ("d", {"example.com/owner": "mesh-identity"}),
+    ]:
         core.create_namespaced_config_map(NS, {"metadata": {"name": name, "labels": labels}})
     assert [c.metadata.name for c in core.list_namespaced_config_map(NS, label_selector=selector).items] == names
 
@@ -399,8 +546,9 @@ def test_field_selectors(core: kubernetes.client.CoreV1Api) -> None:
     core.create_namespaced_secret(NS, {"metadata": {"name": "b"}})
     core.create_namespaced_secret("other", {"metadata": {"name": "a"}})
     assert [s.metadata.name for s in core.list_namespaced_secret(NS, field_selector="metadata.name=b").items] == ["b"]
-    assert [s.metadata.name for s in core.list_namespaced_secret(NS, field_selector="type=kubernetes.io/tls").items] \
-        == ["a"]
+    assert [
+        s.metadata.name for s in core.list_namespaced_secret(NS, field_selector="type=kubernetes.io/tls").items
+    ] == ["a"]
     everywhere = core.list_secret_for_all_namespaces(field_selector="metadata.namespace!=mesh").items
     assert [(s.metadata.namespace, s.metadata.name) for s in everywhere] == [("other", "a")]
 
@@ -458,8 +606,11 @@ def test_watch_replays_events_after_a_resource_version(custom: kubernetes.client
     custom.replace_namespaced_custom_object_status(G, V, NS, CRS, "req", created)
     custom.delete_namespaced_custom_object(G, V, NS, CRS, "req")
     watch = kubernetes.watch.Watch()
-    events = collect(watch.stream(custom.list_namespaced_custom_object, G, V, NS, CRS, resource_version=start,
-                                  timeout_seconds=30), watch, 3)
+    events = collect(
+        watch.stream(custom.list_namespaced_custom_object, G, V, NS, CRS, resource_version=start, timeout_seconds=30),
+        watch,
+        3,
+    )
     assert [t for t, _ in events] == ["ADDED", "MODIFIED", "DELETED"]
     assert events[1][1]["status"]["conditions"][0]["type"] == "Approved"
     versions = [int(o["metadata"]["resourceVersion"]) for _, o in events]
@@ -483,8 +634,13 @@ def test_watch_with_label_selector_sees_objects_enter_and_leave(core: kubernetes
     core.patch_namespaced_config_map("c", NS, {"data": {"k": "v"}})
     core.patch_namespaced_config_map("c", NS, {"metadata": {"labels": {"mesh": "no"}}})
     watch = kubernetes.watch.Watch()
-    events = collect(watch.stream(core.list_namespaced_config_map, NS, label_selector="mesh=yes",
-                                  resource_version=start, timeout_seconds=30), watch, 3)
+    events = collect(
+        watch.stream(
+            core.list_namespaced_config_map, NS, label_selector="mesh=yes", resource_version=start, timeout_seconds=30
+        ),
+        watch,
+        3,
+    )
     assert [t for t, _ in events] == ["ADDED", "MODIFIED", "DELETED"]
 
 
@@ -501,8 +657,20 @@ def test_watch_delivers_live_events_and_bookmarks(
     actor = threading.Thread(target=act)
     actor.start()
     watch = kubernetes.watch.Watch()
-    events = collect(watch.stream(custom.list_namespaced_custom_object, G, V, NS, CRS, resource_version=start,
-                                  allow_watch_bookmarks=True, timeout_seconds=30), watch, 2)
+    events = collect(
+        watch.stream(
+            custom.list_namespaced_custom_object,
+            G,
+            V,
+            NS,
+            CRS,
+            resource_version=start,
+            allow_watch_bookmarks=True,
+            timeout_seconds=30,
+        ),
+        watch,
+        2,
+    )
     actor.join()
     assert [t for t, _ in events] == ["ADDED", "BOOKMARK"]
     bookmark = events[1][1]
@@ -520,8 +688,9 @@ def test_no_bookmarks_unless_asked(kube_server: KubeServer, core: kubernetes.cli
     actor.start()
     watch = kubernetes.watch.Watch()
     start = core.list_namespaced_secret(NS).metadata.resource_version
-    events = collect(watch.stream(core.list_namespaced_secret, NS, resource_version=start, timeout_seconds=30),
-                     watch, 1)
+    events = collect(
+        watch.stream(core.list_namespaced_secret, NS, resource_version=start, timeout_seconds=30), watch, 1
+    )
     actor.join()
     assert [(t, o["metadata"]["name"]) for t, o in events] == [("ADDED", "after")]
 
@@ -529,9 +698,18 @@ def test_no_bookmarks_unless_asked(kube_server: KubeServer, core: kubernetes.cli
 def test_send_initial_events_ends_with_a_marked_bookmark(core: kubernetes.client.CoreV1Api) -> None:
     core.create_namespaced_secret(NS, {"metadata": {"name": "a"}})
     watch = kubernetes.watch.Watch()
-    events = collect(watch.stream(core.list_namespaced_secret, NS, send_initial_events=True,
-                                  resource_version_match="NotOlderThan", allow_watch_bookmarks=True,
-                                  timeout_seconds=30), watch, 2)
+    events = collect(
+        watch.stream(
+            core.list_namespaced_secret,
+            NS,
+            send_initial_events=True,
+            resource_version_match="NotOlderThan",
+            allow_watch_bookmarks=True,
+            timeout_seconds=30,
+        ),
+        watch,
+        2,
+    )
     assert [t for t, _ in events] == ["ADDED", "BOOKMARK"]
     assert events[1][1]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
 
@@ -552,15 +730,19 @@ def test_watch_from_an_expired_resource_version_is_gone(
 def test_history_limit_expires_old_resource_versions() -> None:
     with KubeServer(history_limit=2) as server, kubernetes.client.ApiClient(server.client_configuration()) as api:
         core = kubernetes.client.CoreV1Api(api)
-        versions = [int(core.create_namespaced_secret(NS, {"metadata": {"name": name}}).metadata.resource_version)
-                    for name in "abcd"]  # only the events of c and d are kept
+        versions = [
+            int(core.create_namespaced_secret(NS, {"metadata": {"name": name}}).metadata.resource_version)
+            for name in "abcd"
+        ]  # only the events of c and d are kept
         watch = kubernetes.watch.Watch()
-        events = collect(watch.stream(core.list_namespaced_secret, NS, resource_version=str(versions[1]),
-                                      timeout_seconds=30), watch, 2)
+        events = collect(
+            watch.stream(core.list_namespaced_secret, NS, resource_version=str(versions[1]), timeout_seconds=30),
+            watch,
+            2,
+        )
         assert [o["metadata"]["name"] for _, o in events] == ["c", "d"]
         with pytest.raises(ApiException) as info:
-            list(watch.stream(core.list_namespaced_secret, NS, resource_version=str(versions[0]),
-                              timeout_seconds=30))
+            list(watch.stream(core.list_namespaced_secret, NS, resource_version=str(versions[0]), timeout_seconds=30))
         assert info.value.reason == f"Expired: too old resource version: {versions[0]} ({versions[1]})"
 
 
@@ -590,7 +772,9 @@ def test_in_cluster_files(kube_server: KubeServer, tmp_path: Path) -> None:
     env = kube_server.write_in_cluster_files(tmp_path)
     config = kubernetes.client.Configuration()
     kubernetes.config.incluster_config.InClusterConfigLoader(
-        token_filename=str(tmp_path / "token"), cert_filename=str(tmp_path / "ca.crt"), environ=env,
+        token_filename=str(tmp_path / "token"),
+        cert_filename=str(tmp_path / "ca.crt"),
+        environ=env,
     ).load_and_set(config)
     with kubernetes.client.ApiClient(config) as api:
         assert kubernetes.client.CoreV1Api(api).list_namespaced_secret(NS).items == []
@@ -600,7 +784,9 @@ def test_requests_are_recorded(kube_server: KubeServer, core: kubernetes.client.
     core.create_namespaced_secret(NS, {"metadata": {"name": "a"}})
     api_error(lambda: core.read_namespaced_secret("b", NS))
     assert [(r.verb, r.resource, r.name, r.code) for r in kube_server.requests] == [
-        ("create", "secrets", "", 201), ("get", "secrets", "b", 404)]
+        ("create", "secrets", "", 201),
+        ("get", "secrets", "b", 404),
+    ]
     assert kube_server.requests[0].user == "system:serviceaccount:mesh-identity:mesh-identity"
 
 
@@ -642,8 +828,11 @@ def test_stop_ends_open_watches() -> None:
         watch = kubernetes.watch.Watch()
         stopper = threading.Thread(target=lambda: server.wait_for_watches(1) and server.stop())
         stopper.start()
-        events = list(watch.stream(kubernetes.client.CustomObjectsApi(api).list_namespaced_custom_object,
-                                   G, V, NS, CRS, timeout_seconds=30))
+        events = list(
+            watch.stream(
+                kubernetes.client.CustomObjectsApi(api).list_namespaced_custom_object, G, V, NS, CRS, timeout_seconds=30
+            )
+        )
         stopper.join()
     assert events == []
     assert server.open_watches == 0
