@@ -58,8 +58,7 @@ class BundleSource:
         if settings.trust_bundle_secret:
             return f"Secret {settings.trust_bundle_secret.show(self.namespace)} key {settings.trust_bundle_key!r}"
         if settings.trust_bundle_configmap:
-            return (f"ConfigMap {settings.trust_bundle_configmap.show(self.namespace)} key "
-                    f"{settings.trust_bundle_key!r}")
+            return f"ConfigMap {settings.trust_bundle_configmap.show(self.namespace)} key {settings.trust_bundle_key!r}"
         return "status.ca"
 
     def configured(self) -> tuple[x509.Certificate, ...]:
@@ -70,13 +69,15 @@ class BundleSource:
             try:
                 data = Path(settings.trust_bundle_file).read_bytes()
             except OSError as err:
-                raise TrustBundleError(NAME, f"cannot read trust_bundle_file {settings.trust_bundle_file}: "
-                                             f"{err.strerror}") from None
+                raise TrustBundleError(
+                    NAME, f"cannot read trust_bundle_file {settings.trust_bundle_file}: {err.strerror}"
+                ) from None
         elif settings.trust_bundle_secret:
             data = self.api.read_secret_key(settings.trust_bundle_secret, self.namespace, settings.trust_bundle_key)
         elif settings.trust_bundle_configmap:
-            data = self.api.read_configmap_key(settings.trust_bundle_configmap, self.namespace,
-                                               settings.trust_bundle_key)
+            data = self.api.read_configmap_key(
+                settings.trust_bundle_configmap, self.namespace, settings.trust_bundle_key
+            )
         else:
             return ()
         what = f"the trust bundle ({self.describe()})"

@@ -157,8 +157,10 @@ def translate(err: BaseException, what: str, host: str) -> ProviderError:
         match code:
             case 401:
                 return KubeUnauthorizedError(
-                    NAME, f"the Kubernetes API at {host} refused the credentials ({shown}) to {what}: check the "
-                          "service-account token or the kubeconfig user")
+                    NAME,
+                    f"the Kubernetes API at {host} refused the credentials ({shown}) to {what}: check the "
+                    "service-account token or the kubeconfig user",
+                )
             case 403:
                 return KubeForbiddenError(NAME, f"not allowed to {what} ({shown}): {message}")
             case 404:
@@ -186,14 +188,55 @@ class WatchExpired(Exception):
 # ------------------------------------------------------------------------------------------------- calls
 
 
+class WatchStream:
+    """One open watch: iterate :meth:`events` in one thread, :meth:`stop` from any other."""
+
+    def __init__(
+        self, api: KubeApi, namespace: str, label_selector: str, resource_version: str, timeout: float
+    ) -> None:
+        self._api = api
+        self._what = f'watch CertificateRequests in namespace "{namespace}"'
+        self._watch = cast(Any, kubernetes.watch).Watch()
+        self._seconds = max(1, math.ceil(timeout))
+        self._args = (api.custom.list_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS)
+        self._kwargs = {
+            "label_selector": label_selector,
+            "resource_version": resource_version,
+            "timeout_seconds": self._seconds,
+            "allow_watch_bookmarks": True,
+            "_request_timeout": (api.timeout[0], self._seconds + api.timeout[1]),
+        }
+
+    def events(self) -> Iterator[tuple[str, JsonObj]]:
+        """``(type, object)`` pairs; BOOKMARK objects carry only the resourceVersion. :class:`WatchExpired` on
+        410, a provider error on anything else."""
+        self._api.count_watch()
+        try:
+            for event in self._watch.stream(*self._args, **self._kwargs):
+                yield str(event["type"]), cast(JsonObj, event["raw_object"])
+        except ApiException as err:
+            if err.status == 410:
+                raise WatchExpired(str(err.reason)) from err
+            raise translate(err, self._what, self._api.host) from err
+        except NETWORK_ERRORS as err:
+            raise translate(err, self._what, self._api.host) from err
+        finally:
+            self._watch.stop()
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
 @dataclass
 class Timings:
-    """Where the provider spent its time talking to the API server (for health and benchmarks)."""
+    """Where the provider spent its time with the API server (for benchmarks): ``calls`` request/response
+    round trips, ``waits`` from a CertificateRequest's creation until it was final, ``watches`` streams opened."""
 
     calls: int = 0
     call_seconds: float = 0.0
+    waits: int = 0
+    wait_seconds: float = 0.0
     watches: int = 0
-    watch_seconds: float = 0.0
 
 
 class KubeApi:
@@ -208,15 +251,24 @@ class KubeApi:
         self.timings = Timings()
         self._timings_lock = threading.Lock()
         seconds = settings.api_timeout.total_seconds()
-        self._timeout = (seconds, seconds)
+        self.timeout = (seconds, seconds)
 
     def close(self) -> None:
         cast(Any, self.connection.api).close()
 
+    def add_wait_time(self, seconds: float) -> None:
+        with self._timings_lock:
+            self.timings.waits += 1
+            self.timings.wait_seconds += seconds
+
+    def count_watch(self) -> None:
+        with self._timings_lock:
+            self.timings.watches += 1
+
     def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()
         try:
-            return call(*args, _request_timeout=self._timeout, **kwargs)
+            return call(*args, _request_timeout=self.timeout, **kwargs)
         except NETWORK_ERRORS as err:
             raise translate(err, what, self.host) from err
         finally:
@@ -227,23 +279,47 @@ class KubeApi:
 
     # -- CertificateRequests
     def create_request(self, namespace: str, body: JsonObj) -> JsonObj:
-        return cast(JsonObj, self._call(
-            f'create a CertificateRequest in namespace "{namespace}"',
-            self.custom.create_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS, body,
-        ))
+        return cast(
+            JsonObj,
+            self._call(
+                f'create a CertificateRequest in namespace "{namespace}"',
+                self.custom.create_namespaced_custom_object,
+                CERT_MANAGER_GROUP,
+                VERSION,
+                namespace,
+                REQUESTS,
+                body,
+            ),
+        )
 
     def get_request(self, namespace: str, name: str) -> JsonObj:
-        return cast(JsonObj, self._call(
-            f"get CertificateRequest {namespace}/{name}",
-            self.custom.get_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS, name,
-        ))
+        return cast(
+            JsonObj,
+            self._call(
+                f"get CertificateRequest {namespace}/{name}",
+                self.custom.get_namespaced_custom_object,
+                CERT_MANAGER_GROUP,
+                VERSION,
+                namespace,
+                REQUESTS,
+                name,
+            ),
+        )
 
     def list_requests(self, namespace: str, label_selector: str, limit: int | None = None) -> list[JsonObj]:
-        listing = cast(JsonObj, self._call(
-            f'list CertificateRequests in namespace "{namespace}"',
-            self.custom.list_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS,
-            label_selector=label_selector, limit=limit,
-        ))
+        listing = cast(
+            JsonObj,
+            self._call(
+                f'list CertificateRequests in namespace "{namespace}"',
+                self.custom.list_namespaced_custom_object,
+                CERT_MANAGER_GROUP,
+                VERSION,
+                namespace,
+                REQUESTS,
+                label_selector=label_selector,
+                limit=limit,
+            ),
+        )
         return list(listing.get("items") or [])
 
     def delete_request(self, namespace: str, name: str, uid: str | None = None) -> bool:
@@ -255,7 +331,12 @@ class KubeApi:
         try:
             self._call(
                 f"delete CertificateRequest {namespace}/{name}",
-                self.custom.delete_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS, name,
+                self.custom.delete_namespaced_custom_object,
+                CERT_MANAGER_GROUP,
+                VERSION,
+                namespace,
+                REQUESTS,
+                name,
                 body=options,
             )
         except KubeNotFoundError:
@@ -266,68 +347,78 @@ class KubeApi:
             raise
         return True
 
-    def watch_request(
-        self, namespace: str, name: str, resource_version: str, timeout: float
-    ) -> Iterator[tuple[str, JsonObj]]:
-        """Watch one CertificateRequest from ``resource_version`` for at most ``timeout`` seconds: yields
-        ``(type, object)``; BOOKMARK events carry only the resourceVersion. Raises :class:`WatchExpired` on 410."""
-        what = f"watch CertificateRequest {namespace}/{name}"
-        watch = cast(Any, kubernetes.watch).Watch()
-        started = time.perf_counter()
-        seconds = max(1, math.ceil(timeout))
-        stream = watch.stream(
-            self.custom.list_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS,
-            field_selector=f"metadata.name={name}", resource_version=resource_version, timeout_seconds=seconds,
-            allow_watch_bookmarks=True, _request_timeout=(self._timeout[0], seconds + self._timeout[1]),
+    def open_watch(self, namespace: str, label_selector: str, resource_version: str, timeout: float) -> WatchStream:
+        """A watch of the CertificateRequests matching ``label_selector`` from ``resource_version``, ended by the
+        server after ``timeout`` seconds (or by :meth:`WatchStream.stop`)."""
+        return WatchStream(self, namespace, label_selector, resource_version, timeout)
+
+    def list_requests_at(self, namespace: str, label_selector: str) -> tuple[list[JsonObj], str]:
+        """The matching CertificateRequests and the resourceVersion of the listing (to watch from)."""
+        listing = cast(
+            JsonObj,
+            self._call(
+                f'list CertificateRequests in namespace "{namespace}"',
+                self.custom.list_namespaced_custom_object,
+                CERT_MANAGER_GROUP,
+                VERSION,
+                namespace,
+                REQUESTS,
+                label_selector=label_selector,
+            ),
         )
-        try:
-            for event in stream:
-                yield str(event["type"]), cast(JsonObj, event["raw_object"])
-        except ApiException as err:
-            if err.status == 410:
-                raise WatchExpired(str(err.reason)) from err
-            raise translate(err, what, self.host) from err
-        except NETWORK_ERRORS as err:
-            raise translate(err, what, self.host) from err
-        finally:
-            watch.stop()
-            stream.close()
-            elapsed = time.perf_counter() - started
-            with self._timings_lock:
-                self.timings.watches += 1
-                self.timings.watch_seconds += elapsed
+        return list(listing.get("items") or []), str((listing.get("metadata") or {}).get("resourceVersion") or "")
 
     # -- issuers, bundles, server
     def get_issuer(self, namespace: str) -> JsonObj:
         settings = self.settings
         if settings.issuer_kind == "ClusterIssuer":
-            return cast(JsonObj, self._call(
-                f"get ClusterIssuer {settings.issuer_name}", self.custom.get_cluster_custom_object,
-                settings.issuer_group, VERSION, "clusterissuers", settings.issuer_name,
-            ))
-        return cast(JsonObj, self._call(
-            f"get Issuer {namespace}/{settings.issuer_name}", self.custom.get_namespaced_custom_object,
-            settings.issuer_group, VERSION, namespace, "issuers", settings.issuer_name,
-        ))
+            return cast(
+                JsonObj,
+                self._call(
+                    f"get ClusterIssuer {settings.issuer_name}",
+                    self.custom.get_cluster_custom_object,
+                    settings.issuer_group,
+                    VERSION,
+                    "clusterissuers",
+                    settings.issuer_name,
+                ),
+            )
+        return cast(
+            JsonObj,
+            self._call(
+                f"get Issuer {namespace}/{settings.issuer_name}",
+                self.custom.get_namespaced_custom_object,
+                settings.issuer_group,
+                VERSION,
+                namespace,
+                "issuers",
+                settings.issuer_name,
+            ),
+        )
 
     def read_secret_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
         namespace = ref.namespace or default_namespace
-        secret = self._call(f"read Secret {namespace}/{ref.name}", self.core.read_namespaced_secret, ref.name,
-                            namespace)
+        secret = self._call(
+            f"read Secret {namespace}/{ref.name}", self.core.read_namespaced_secret, ref.name, namespace
+        )
         data = secret.data or {}
         if key not in data:
-            raise KubeNotFoundError(NAME, f"Secret {namespace}/{ref.name} has no key {key!r} (it has: "
-                                          f"{', '.join(sorted(data)) or 'none'})")
+            raise KubeNotFoundError(
+                NAME, f"Secret {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})"
+            )
         return base64.b64decode(data[key])
 
     def read_configmap_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
         namespace = ref.namespace or default_namespace
-        config_map = self._call(f"read ConfigMap {namespace}/{ref.name}", self.core.read_namespaced_config_map,
-                                ref.name, namespace)
+        config_map = self._call(
+            f"read ConfigMap {namespace}/{ref.name}", self.core.read_namespaced_config_map, ref.name, namespace
+        )
         data = config_map.data or {}
         if key not in data:
-            raise KubeNotFoundError(NAME, f"ConfigMap {namespace}/{ref.name} has no key {key!r} (it has: "
-                                          f"{', '.join(sorted(data)) or 'none'})")
+            raise KubeNotFoundError(
+                NAME,
+                f"ConfigMap {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})",
+            )
         return str(data[key]).encode()
 
     def server_version(self) -> str:

@@ -44,7 +44,9 @@ OPTIONS = (
         default="Issuer",
     ),
     OptionSpec(
-        "issuer_group", OptionType.STRING, "API group of the issuer (external issuers have their own)",
+        "issuer_group",
+        OptionType.STRING,
+        "API group of the issuer (external issuers have their own)",
         default=CERT_MANAGER_GROUP,
     ),
     OptionSpec(
@@ -62,24 +64,23 @@ OPTIONS = (
         default=SERVICE_ACCOUNT_DIR,
     ),
     OptionSpec(
-        "timeout", OptionType.DURATION, "how long to wait for a CertificateRequest to be Ready, Failed or Denied",
+        "timeout",
+        OptionType.DURATION,
+        "how long to wait for a CertificateRequest to be Ready, Failed or Denied",
         default=timedelta(seconds=60),
     ),
-    OptionSpec(
-        "api_timeout", OptionType.DURATION, "timeout of one Kubernetes API call", default=timedelta(seconds=10)
-    ),
+    OptionSpec("api_timeout", OptionType.DURATION, "timeout of one Kubernetes API call", default=timedelta(seconds=10)),
     OptionSpec(
         "keep_requests", OptionType.BOOL, "keep finished CertificateRequests instead of deleting them", default=False
     ),
     OptionSpec("trust_bundle_file", OptionType.PATH, "PEM roots to trust when the issuer leaves status.ca empty"),
     OptionSpec("trust_bundle_secret", OptionType.STRING, "[namespace/]name of a Secret holding those roots"),
     OptionSpec("trust_bundle_configmap", OptionType.STRING, "[namespace/]name of a ConfigMap holding those roots"),
-    OptionSpec(
-        "trust_bundle_key", OptionType.STRING, "key of the roots in that Secret or ConfigMap", default="ca.crt"
-    ),
+    OptionSpec("trust_bundle_key", OptionType.STRING, "key of the roots in that Secret or ConfigMap", default="ca.crt"),
     OptionSpec("labels", OptionType.MAPPING, "extra labels on every CertificateRequest"),
-    OptionSpec("name_prefix", OptionType.STRING, "generateName prefix of CertificateRequests",
-               default="mesh-identity-"),
+    OptionSpec(
+        "name_prefix", OptionType.STRING, "generateName prefix of CertificateRequests", default="mesh-identity-"
+    ),
 )
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)")
@@ -188,8 +189,10 @@ def check(options: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     bundles = [k for k in ("trust_bundle_file", "trust_bundle_secret", "trust_bundle_configmap") if options.get(k)]
     if len(bundles) > 1:
-        problems.append(f"{PREFIX}.{bundles[1]}: give only one of trust_bundle_file, trust_bundle_secret and "
-                        f"trust_bundle_configmap (also set: {bundles[0]})")
+        problems.append(
+            f"{PREFIX}.{bundles[1]}: give only one of trust_bundle_file, trust_bundle_secret and "
+            f"trust_bundle_configmap (also set: {bundles[0]})"
+        )
     if options.get("in_cluster") and (options.get("kubeconfig") or options.get("context")):
         other = "kubeconfig" if options.get("kubeconfig") else "context"
         problems.append(f"{PREFIX}.in_cluster: in-cluster config uses the service account, not {other}")
@@ -198,8 +201,10 @@ def check(options: Mapping[str, Any]) -> list[str]:
         problems.append(f"{PREFIX}.namespace: {namespace!r} is not a valid namespace name")
     prefix = options.get("name_prefix")
     if prefix is not None and not _NAME_PREFIX.fullmatch(prefix):
-        problems.append(f"{PREFIX}.name_prefix: {prefix!r} must be lowercase letters, digits, '-' or '.', start "
-                        "with a letter or digit, and be at most 41 characters")
+        problems.append(
+            f"{PREFIX}.name_prefix: {prefix!r} must be lowercase letters, digits, '-' or '.', start "
+            "with a letter or digit, and be at most 41 characters"
+        )
     for key, value in (options.get("labels") or {}).items():
         if not isinstance(key, str) or not valid_label_key(key):
             problems.append(f"{PREFIX}.labels: {key!r} is not a valid label key")

@@ -2,8 +2,9 @@
 
 Each signature is one ``CertificateRequest`` (``cert-manager.io/v1``) created from our CSR (see
 :mod:`providers.cert_manager.request`): in ``intermediate`` mode one per intermediate lifetime (``isCA: true``),
-in ``per-workload`` mode one per SVID. The provider then *watches* that one request (no polling) until it is
-Ready, Failed or Denied, or cert-manager reports that the issuer does not exist, or ``timeout`` passes; it
+in ``per-workload`` mode one per SVID. The provider then waits on a *watch* (no polling; one stream shared by
+all its requests, see :mod:`providers.cert_manager.watcher`) until the request is Ready, Failed or Denied, or
+cert-manager reports that the issuer does not exist, or ``timeout`` passes; it
 reads the certificate from ``status.certificate`` and the bundle from ``status.ca`` or, where that is empty,
 from the configured bundle (:mod:`providers.cert_manager.bundle`).
 
@@ -61,7 +62,7 @@ from providers.cert_manager.errors import (
     RequestTimeoutError,
     TrustBundleError,
 )
-from providers.cert_manager.kube import NAME, JsonObj, KubeApi, WatchExpired, connect
+from providers.cert_manager.kube import NAME, JsonObj, KubeApi, connect
 from providers.cert_manager.options import CERT_MANAGER_GROUP, OPTIONS, Settings
 from providers.cert_manager.request import (
     LABEL_INSTANCE,
@@ -77,12 +78,12 @@ from providers.cert_manager.request import (
     name_of,
     state_of,
 )
+from providers.cert_manager.watcher import RequestWatcher
 
 log = logging.getLogger(__name__)
 
 CAPABILITIES = Capabilities(modes=frozenset(Mode))
 SHORTENED_SLACK = timedelta(minutes=1)  # issuers backdate NotBefore; less than this is not "shortened"
-RETRY_PAUSE = 0.2  # seconds between watch reconnects while the API server is unreachable
 
 
 class CertManagerProvider(CAProvider):
@@ -99,6 +100,7 @@ class CertManagerProvider(CAProvider):
         self.api = KubeApi(self.connection, self.settings)
         self.bundles = BundleSource(self.settings, self.api, self.namespace, context.state_dir)
         self.instance = secrets.token_hex(6)
+        self.watcher = RequestWatcher(self.api, self.namespace, f"{LABEL_INSTANCE}={self.instance}")
         self._lock = threading.Lock()
         self._undeleted: dict[tuple[str, str], str | None] = {}  # (namespace, name) -> uid
         self._last_success: datetime | None = None
@@ -131,7 +133,7 @@ class CertManagerProvider(CAProvider):
 
     def health(self) -> Health:
         """Reachable, allowed to list CertificateRequests, the issuer exists and is Ready (where RBAC lets us
-        read it), and the last request did not fail after the last success."""
+        read it), the watch runs, and the last request did not fail after the last success."""
         now = self.context.clock()
         try:
             self._retry_deletions()
@@ -141,27 +143,34 @@ class CertManagerProvider(CAProvider):
             return Health(False, str(err), now)
         if issuer_problem:
             return Health(False, f"{NAME}: {issuer_problem}", now)
+        watch_error = self.watcher.error
+        if watch_error is not None:
+            return Health(False, str(watch_error), now)
         with self._lock:
             failure, success = self._last_failure, self._last_success
         if failure is not None and (success is None or failure[0] > success):
             return Health(False, f"the last CertificateRequest failed: {failure[1]}", now)
-        return Health(True, f"{self.settings.issuer} reachable through {self.connection.host}; CertificateRequests "
-                            f"in namespace {self.namespace}", now)
+        return Health(
+            True,
+            f"{self.settings.issuer} reachable through {self.connection.host}; CertificateRequests "
+            f"in namespace {self.namespace}",
+            now,
+        )
 
     def limits(self) -> Limits:
         roots = self.bundles.learned
         return Limits(
             ca_not_after=min((c.not_valid_after_utc for c in roots), default=None),
-            notes=("a cert-manager issuer may shorten the requested duration; expiry is read from each "
-                   "certificate",),
+            notes=("a cert-manager issuer may shorten the requested duration; expiry is read from each certificate",),
         )
 
     def doctor(self) -> list[Check]:
         checks: list[Check] = []
         try:
             version = self.api.server_version()
-            checks.append(Check("kubernetes api", True, f"{self.connection.host} ({version}), via "
-                                                        f"{self.connection.source}"))
+            checks.append(
+                Check("kubernetes api", True, f"{self.connection.host} ({version}), via {self.connection.source}")
+            )
         except ProviderError as err:
             return [Check("kubernetes api", False, str(err))]
         try:
@@ -177,14 +186,18 @@ class CertManagerProvider(CAProvider):
         try:
             configured = self.bundles.configured()
             roots = merge(configured, self.bundles.learned)
-            detail = (f"{len(roots)} root(s) from {self.bundles.describe()}" if roots
-                      else "not known yet: learned from status.ca on the first request")
+            detail = (
+                f"{len(roots)} root(s) from {self.bundles.describe()}"
+                if roots
+                else "not known yet: learned from status.ca on the first request"
+            )
             checks.append(Check("trust bundle", True, detail))
         except ProviderError as err:
             checks.append(Check("trust bundle", False, str(err)))
         return checks
 
     def close(self) -> None:
+        self.watcher.stop()
         try:
             self._retry_deletions()
         finally:
@@ -211,7 +224,13 @@ class CertManagerProvider(CAProvider):
     ) -> SignedCertificate:
         self._retry_deletions()
         body = build_request(
-            self.settings, csr, ttl, purpose, subject, self.context.trust_domain.name, self.instance,
+            self.settings,
+            csr,
+            ttl,
+            purpose,
+            subject,
+            self.context.trust_domain.name,
+            self.instance,
             rsa=isinstance(csr.public_key(), rsa.RSAPublicKey),
         )
         created = self.api.create_request(self.namespace, body)
@@ -224,42 +243,25 @@ class CertManagerProvider(CAProvider):
         finally:
             if not (self.settings.keep_requests and state is not None and state.phase.terminal):
                 self._delete(name, uid)
+            self.watcher.forget(name)
 
     def _wait(self, created: JsonObj) -> tuple[State, JsonObj]:
-        """Watch the request until it is final or the timeout passes."""
+        """Wait (on the shared watch) until the request is final or the timeout passes."""
         timeout = self.settings.timeout
-        deadline = time.monotonic() + timeout.total_seconds()
-        name = str(created["metadata"]["name"])
-        cr, state = created, state_of(created)
-        version = str(created["metadata"]["resourceVersion"])
-        outage: ProviderError | None = None
-        while not state.phase.final:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if outage is not None:
-                    raise outage
-                raise RequestTimeoutError(
-                    NAME, f"CertificateRequest {name_of(cr)} was not ready after {format_duration(timeout)} "
-                          f"({state.detail}); is {self.settings.issuer} working?")
-            try:
-                for event, obj in self.api.watch_request(self.namespace, name, version, remaining):
-                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                    if event == "BOOKMARK":
-                        continue
-                    if event == "DELETED":
-                        raise RequestFailedError(NAME, f"CertificateRequest {name_of(cr)} was deleted by someone "
-                                                       f"else before it was ready ({state.detail})")
-                    cr, state = obj, state_of(obj)
-                    if state.phase.final:
-                        break
-                outage = None
-            except WatchExpired:
-                cr = self.api.get_request(self.namespace, name)
-                state, version = state_of(cr), str(cr["metadata"]["resourceVersion"])
-            except KubeUnreachableError as err:  # keep trying until the deadline: the request is still there
-                outage = err
-                time.sleep(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
-        return state, cr
+        started = time.monotonic()
+        try:
+            outcome = self.watcher.wait(created, started + timeout.total_seconds())
+        finally:
+            self.api.add_wait_time(time.monotonic() - started)
+        if outcome.state is not None:
+            return outcome.state, outcome.obj
+        if outcome.error is not None:
+            raise outcome.error
+        raise RequestTimeoutError(
+            NAME,
+            f"CertificateRequest {name_of(outcome.obj)} was not ready after {format_duration(timeout)} "
+            f"({state_of(outcome.obj).detail}); is {self.settings.issuer} working?",
+        )
 
     def _result(self, cr: JsonObj, state: State, ttl: timedelta) -> SignedCertificate:
         issuer = self.settings.issuer
@@ -269,13 +271,16 @@ class CertManagerProvider(CAProvider):
             case Phase.FAILED:
                 raise RequestFailedError(NAME, f"{issuer} failed CertificateRequest {name_of(cr)}: {state.detail}")
             case Phase.ISSUER_NOT_FOUND:
-                raise IssuerNotFoundError(NAME, f"CertificateRequest {name_of(cr)}: {state.detail} (check "
-                                                "issuer_name, issuer_kind and namespace)")
+                raise IssuerNotFoundError(
+                    NAME,
+                    f"CertificateRequest {name_of(cr)}: {state.detail} (check issuer_name, issuer_kind and namespace)",
+                )
         try:
             certificates, cas = issued_certificates(cr)
         except ValueError as err:
-            raise ProviderRejectedError(NAME, f"{issuer} answered CertificateRequest {name_of(cr)} with "
-                                              f"{err}") from None
+            raise ProviderRejectedError(
+                NAME, f"{issuer} answered CertificateRequest {name_of(cr)} with {err}"
+            ) from None
         now = self.context.clock()
         if cas:
             self.bundles.learn(cas, now)
@@ -291,13 +296,17 @@ class CertManagerProvider(CAProvider):
         warnings: list[str] = []
         lifetime = leaf.not_valid_after_utc - max(leaf.not_valid_before_utc, now)
         if lifetime < ttl - SHORTENED_SLACK:
-            warnings.append(f"{issuer} shortened the duration: asked for {format_duration(ttl)}, the certificate "
-                            f"is valid for {format_duration(lifetime)} more")
+            warnings.append(
+                f"{issuer} shortened the duration: asked for {format_duration(ttl)}, the certificate "
+                f"is valid for {format_duration(lifetime)} more"
+            )
         return SignedCertificate(leaf, chain, bundle, tuple(warnings))
 
     def _no_bundle(self, what: str) -> str:
-        return (f"{what} was issued by {self.settings.issuer} with an empty status.ca, and no trust bundle is "
-                "configured: set trust_bundle_file, trust_bundle_secret or trust_bundle_configmap")
+        return (
+            f"{what} was issued by {self.settings.issuer} with an empty status.ca, and no trust bundle is "
+            "configured: set trust_bundle_file, trust_bundle_secret or trust_bundle_configmap"
+        )
 
     def _probe(self) -> None:
         """Learn ``status.ca`` with a throwaway request: a leaf for a discarded key, valid for an hour."""
@@ -308,7 +317,8 @@ class CertManagerProvider(CAProvider):
     def _issuer_problem(self) -> str | None:
         """Why the issuer cannot sign (None when it looks fine or when it cannot be read)."""
         if self.settings.issuer_group != CERT_MANAGER_GROUP or self.settings.issuer_kind not in (
-            "Issuer", "ClusterIssuer"
+            "Issuer",
+            "ClusterIssuer",
         ):
             return None  # an external issuer: its kind is not ours to read
         try:
@@ -328,8 +338,9 @@ class CertManagerProvider(CAProvider):
         try:
             self.api.delete_request(self.namespace, name, uid)
         except ProviderError as err:
-            log.warning("%s: CertificateRequest %s/%s not deleted yet (will retry): %s", NAME, self.namespace,
-                        name, err)
+            log.warning(
+                "%s: CertificateRequest %s/%s not deleted yet (will retry): %s", NAME, self.namespace, name, err
+            )
             with self._lock:
                 self._undeleted[(self.namespace, name)] = uid
 
@@ -350,9 +361,11 @@ class CertManagerProvider(CAProvider):
     def _sweep(self) -> None:
         """Delete what a crashed process of this trust domain left behind: requests pending for longer than
         twice the timeout and, unless ``keep_requests``, finished ones. Best effort: the API may be down."""
-        selector = (f"{LABEL_MANAGED_BY}={MANAGED_BY},"
-                    f"{LABEL_TRUST_DOMAIN}={label_value(self.context.trust_domain.name)},{LABEL_INSTANCE}!="
-                    f"{self.instance}")
+        selector = (
+            f"{LABEL_MANAGED_BY}={MANAGED_BY},"
+            f"{LABEL_TRUST_DOMAIN}={label_value(self.context.trust_domain.name)},{LABEL_INSTANCE}!="
+            f"{self.instance}"
+        )
         now = self.context.clock()
         try:
             for cr in self.api.list_requests(self.namespace, selector):

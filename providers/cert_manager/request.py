@@ -101,8 +101,7 @@ def build_request(
         },
         "spec": {
             "request": base64.b64encode(csr.public_bytes(serialization.Encoding.PEM)).decode(),
-            "issuerRef": {"name": settings.issuer_name, "kind": settings.issuer_kind,
-                          "group": settings.issuer_group},
+            "issuerRef": {"name": settings.issuer_name, "kind": settings.issuer_kind, "group": settings.issuer_group},
             "duration": go_duration(ttl),
             "usages": list(usages),
             "isCA": is_ca,

@@ -65,8 +65,10 @@ WEB = SpiffeId.for_kubernetes(TD, "shop", "web")
 def provider(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertManagerProvider]:
     issuer = os.environ.get("MESH_IDENTITY_CM_ISSUER")
     if not issuer:
-        pytest.fail("KUBECONFIG is set, so the cert-manager integration tier runs: set MESH_IDENTITY_CM_ISSUER to "
-                    "the issuer to test against (see this module's docstring)")
+        pytest.fail(
+            "KUBECONFIG is set, so the cert-manager integration tier runs: set MESH_IDENTITY_CM_ISSUER to "
+            "the issuer to test against (see this module's docstring)"
+        )
     mode = request.param if hasattr(request, "param") else Mode.PER_WORKLOAD
     options = {
         "issuer_name": issuer,
@@ -86,8 +88,9 @@ def provider(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertMan
 @pytest.mark.parametrize("provider", list(Mode), indirect=True)
 def test_issues_svids_that_openssl_verifies(provider: CertManagerProvider, tmp_path: Path) -> None:
     mode = provider.context.mode
-    authority = Authority(provider, AuthoritySettings(TD, mode, workload_ttl=timedelta(hours=1),
-                                                      intermediate_ttl=timedelta(hours=4)))
+    authority = Authority(
+        provider, AuthoritySettings(TD, mode, workload_ttl=timedelta(hours=1), intermediate_ttl=timedelta(hours=4))
+    )
     authority.start()
     svid = authority.issue(WEB)
     (tmp_path / "leaf.pem").write_bytes(cert_pem(svid.leaf))

@@ -248,19 +248,28 @@ def test_intermediate_issuer_chain_and_cluster_issuer(
     assert openssl_verify(tmp_path, signed.certificate, signed.chain, signed.bundle.authorities).endswith(": OK")
 
 
-def test_waits_with_a_watch_not_a_poll(kube_server: KubeServer, provider: CertManagerProvider) -> None:
+def test_waits_with_one_shared_watch_not_a_poll(kube_server: KubeServer, provider: CertManagerProvider) -> None:
+    def mine() -> list[tuple[str, str]]:
+        return sorted(
+            (r.verb, r.resource)
+            for r in kube_server.requests
+            if r.user != "system:serviceaccount:cert-manager:cert-manager"
+        )
+
     kube_server.requests.clear()
     provider.sign_workload(workload_csr(generate_key(KeyType.ECDSA_P256), WEB), WEB, timedelta(minutes=5))
-    mine = [
-        (r.verb, r.resource)
-        for r in kube_server.requests
-        if r.user != "system:serviceaccount:cert-manager:cert-manager"
-    ]
-    assert mine == [
+    assert mine() == [
         ("create", "certificaterequests"),
-        ("watch", "certificaterequests"),
         ("delete", "certificaterequests"),
+        ("list", "certificaterequests"),
+        ("watch", "certificaterequests"),
     ]
+    kube_server.requests.clear()
+    for identity in (WEB, API):
+        csr = workload_csr(generate_key(KeyType.ECDSA_P256), identity)
+        provider.sign_workload(csr, identity, timedelta(minutes=5))
+    assert mine() == [("create", "certificaterequests")] * 2 + [("delete", "certificaterequests")] * 2
+    assert provider.api.timings.watches == 1
 
 
 def test_shortened_duration_is_reported(
@@ -428,6 +437,7 @@ def _forbid_create(server: KubeServer, signer: CertManagerSigner) -> None:
 
 
 def _forbid_watch(server: KubeServer, signer: CertManagerSigner) -> None:
+    signer.behaviour = Behaviour.STALL  # so the answer cannot come from the listing before the watch
     server.deny("watch", "certificaterequests", user="system:serviceaccount:mesh-identity:mesh-identity")
 
 
@@ -525,7 +535,7 @@ FAILURES: list[
         {},
         KubeForbiddenError,
         False,
-        "cert-manager: not allowed to watch CertificateRequest mesh-identity/mesh-identity-xxxxx (403 Forbidden): "
+        'cert-manager: not allowed to watch CertificateRequests in namespace "mesh-identity" (403 Forbidden): '
         'certificaterequests.cert-manager.io is forbidden: User "system:serviceaccount:mesh-identity:mesh-identity" '
         'cannot watch resource "certificaterequests" in API group "cert-manager.io" in the namespace "mesh-identity"',
     ),
@@ -672,7 +682,7 @@ def test_expired_watch_is_resumed_from_a_fresh_read(
     worker.join(timeout=30)
     assert len(result) == 1
     mine = [(r.verb, r.code) for r in kube_server.requests if r.user.endswith("mesh-identity:mesh-identity")]
-    assert mine[:3] == [("watch", 410), ("get", 200), ("watch", 200)]
+    assert mine[:3] == [("watch", 410), ("list", 200), ("watch", 200)]
 
 
 def test_failed_deletion_is_retried(

@@ -28,8 +28,9 @@ WEB = SpiffeId.for_kubernetes(TD, "shop", "web")
 
 
 @pytest.fixture
-def make_engine(kube_server: KubeServer, cert_manager_signer: CertManagerSigner,
-                tmp_path: Path) -> Iterator[Callable[..., tuple[RotationEngine, Recorder]]]:
+def make_engine(
+    kube_server: KubeServer, cert_manager_signer: CertManagerSigner, tmp_path: Path
+) -> Iterator[Callable[..., tuple[RotationEngine, Recorder]]]:
     cert_manager_signer.add_ca_issuer("mesh-ca", TestCa.create("rotation root"), namespace=NS)
     kubeconfig = kube_server.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
     made: list[tuple[RotationEngine, CertManagerProvider]] = []
@@ -39,8 +40,11 @@ def make_engine(kube_server: KubeServer, cert_manager_signer: CertManagerSigner,
         options = {"kubeconfig": str(kubeconfig), "issuer_name": "mesh-ca", "timeout": "1s"}
         provider = CertManagerProvider(context, SPEC.validate_options(options), environ={})
         recorder = Recorder()
-        authority = Authority(provider, AuthoritySettings(TD, mode, workload_ttl=workload_ttl,
-                                                          intermediate_ttl=timedelta(hours=2)), events=recorder)
+        authority = Authority(
+            provider,
+            AuthoritySettings(TD, mode, workload_ttl=workload_ttl, intermediate_ttl=timedelta(hours=2)),
+            events=recorder,
+        )
         authority.start()
         engine = RotationEngine(authority, RotationSettings(0.5, 0.1), events=recorder, rng=random.Random(7))
         engine.start(paused=True)
@@ -71,25 +75,45 @@ def _behaviour(behaviour: Behaviour) -> Callable[[KubeServer, CertManagerSigner]
 
 
 OUTAGES = [
-    ("api down", _down, Severity.WARNING, "cert-manager: cannot reach the Kubernetes API at URL to create a "
-                                          'CertificateRequest in namespace "mesh-identity": the connection was dropped'),
-    ("stalled", _behaviour(Behaviour.STALL), Severity.WARNING,
-     "cert-manager: CertificateRequest mesh-identity/mesh-identity-xxxxx was not ready after 1s (Ready=False "
-     "(Pending): Waiting on certificate issuance from the issuer); is Issuer mesh-identity/mesh-ca working?"),
-    ("failed", _behaviour(Behaviour.FAIL), Severity.WARNING,
-     "cert-manager: Issuer mesh-identity/mesh-ca failed CertificateRequest mesh-identity/mesh-identity-xxxxx: "
-     "Ready=False (Failed): Failed to sign certificate: the issuing CA refused the request"),
-    ("denied", _behaviour(Behaviour.DENY), Severity.ERROR,  # retrying cannot fix a policy: an error at once
-     "cert-manager: CertificateRequest mesh-identity/mesh-identity-xxxxx was denied by cert-manager.io: Denied by "
-     "mesh-identity test policy"),
+    (
+        "api down",
+        _down,
+        Severity.WARNING,
+        "cert-manager: cannot reach the Kubernetes API at URL to create a "
+        'CertificateRequest in namespace "mesh-identity": the connection was dropped',
+    ),
+    (
+        "stalled",
+        _behaviour(Behaviour.STALL),
+        Severity.WARNING,
+        "cert-manager: CertificateRequest mesh-identity/mesh-identity-xxxxx was not ready after 1s (Ready=False "
+        "(Pending): Waiting on certificate issuance from the issuer); is Issuer mesh-identity/mesh-ca working?",
+    ),
+    (
+        "failed",
+        _behaviour(Behaviour.FAIL),
+        Severity.WARNING,
+        "cert-manager: Issuer mesh-identity/mesh-ca failed CertificateRequest mesh-identity/mesh-identity-xxxxx: "
+        "Ready=False (Failed): Failed to sign certificate: the issuing CA refused the request",
+    ),
+    (
+        "denied",
+        _behaviour(Behaviour.DENY),
+        Severity.ERROR,  # retrying cannot fix a policy: an error at once
+        "cert-manager: CertificateRequest mesh-identity/mesh-identity-xxxxx was denied by cert-manager.io: Denied by "
+        "mesh-identity test policy",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("arrange", "severity", "error"), [o[1:] for o in OUTAGES], ids=[o[0] for o in OUTAGES])
 def test_per_workload_failure_keeps_serving_and_recovers(
-    kube_server: KubeServer, cert_manager_signer: CertManagerSigner,
+    kube_server: KubeServer,
+    cert_manager_signer: CertManagerSigner,
     make_engine: Callable[..., tuple[RotationEngine, Recorder]],
-    arrange: Callable[[KubeServer, CertManagerSigner], Callable[[], None]], severity: Severity, error: str,
+    arrange: Callable[[KubeServer, CertManagerSigner], Callable[[], None]],
+    severity: Severity,
+    error: str,
 ) -> None:
     engine, recorder = make_engine(Mode.PER_WORKLOAD, timedelta(hours=1))
     source = engine.add(WEB)
