@@ -136,11 +136,14 @@ class CertManagerProvider(CAProvider):
         read it), the watch runs, and the last request did not fail after the last success."""
         now = self.context.clock()
         try:
-            self._retry_deletions()
             self.api.list_requests(self.namespace, f"{LABEL_MANAGED_BY}={MANAGED_BY}", limit=1)
             issuer_problem = self._issuer_problem()
         except ProviderError as err:
             return Health(False, str(err), now)
+        delete_error = self._retry_deletions()
+        if delete_error is not None:
+            left = ", ".join(self.undeleted)
+            return Health(False, f"CertificateRequests not deleted ({left}): {delete_error}", now)
         if issuer_problem:
             return Health(False, f"{NAME}: {issuer_problem}", now)
         watch_error = self.watcher.error
@@ -197,9 +200,13 @@ class CertManagerProvider(CAProvider):
         return checks
 
     def close(self) -> None:
+        """Stop the watch and delete what could not be deleted before; what still cannot (API down) is logged
+        and left to the next start's sweep."""
         self.watcher.stop()
         try:
-            self._retry_deletions()
+            error = self._retry_deletions()
+            if error is not None:
+                log.warning("%s: CertificateRequests left behind (%s): %s", NAME, ", ".join(self.undeleted), error)
         finally:
             self.api.close()
 
@@ -222,7 +229,7 @@ class CertManagerProvider(CAProvider):
     def _request(
         self, csr: x509.CertificateSigningRequest, ttl: timedelta, purpose: Purpose, subject: str
     ) -> SignedCertificate:
-        self._retry_deletions()
+        self._retry_deletions()  # best effort: a failure was logged when the deletion first failed
         body = build_request(
             self.settings,
             csr,
@@ -344,13 +351,18 @@ class CertManagerProvider(CAProvider):
             with self._lock:
                 self._undeleted[(self.namespace, name)] = uid
 
-    def _retry_deletions(self) -> None:
+    def _retry_deletions(self) -> ProviderError | None:
+        """Retry the deletions that failed; the error that still stops them, or None when none are left."""
         with self._lock:
             pending = dict(self._undeleted)
         for (namespace, name), uid in pending.items():
-            self.api.delete_request(namespace, name, uid)  # raises while the API is still down
+            try:
+                self.api.delete_request(namespace, name, uid)
+            except ProviderError as err:
+                return err
             with self._lock:
                 self._undeleted.pop((namespace, name), None)
+        return None
 
     @property
     def undeleted(self) -> list[str]:

@@ -700,6 +700,48 @@ def test_failed_deletion_is_retried(
     assert provider.undeleted == []
 
 
+def test_forbidden_deletion_does_not_stop_issuance_but_shows_in_health(
+    kube_server: KubeServer, signer: CertManagerSigner, make_provider: MakeProvider
+) -> None:
+    provider = make_provider(Mode.PER_WORKLOAD)
+    rule = kube_server.deny("delete", "certificaterequests", user="system:serviceaccount:mesh-identity:mesh-identity")
+    for identity in (WEB, API):
+        provider.sign_workload(workload_csr(generate_key(KeyType.ECDSA_P256), identity), identity, timedelta(minutes=5))
+    assert len(provider.undeleted) == 2
+    health = provider.health()
+    assert not health.healthy
+    assert re.fullmatch(
+        r"CertificateRequests not deleted \(mesh-identity/mesh-identity-\w{5}, mesh-identity/mesh-identity-\w{5}\): "
+        r"cert-manager: not allowed to delete CertificateRequest mesh-identity/mesh-identity-\w{5} \(403 Forbidden\): "
+        r".*cannot delete resource \"certificaterequests\".*",
+        health.detail,
+    )
+    kube_server.allow(rule)
+    assert provider.health().healthy
+    assert provider.undeleted == []
+    assert requests_left(kube_server) == []
+
+
+def test_close_with_the_api_down_logs_what_is_left(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider = make_provider(Mode.PER_WORKLOAD)
+    kube_server.inject_error("delete", "certificaterequests", code=503, reason="ServiceUnavailable", message="x")
+    provider.sign_workload(workload_csr(generate_key(KeyType.ECDSA_P256), WEB), WEB, timedelta(minutes=5))
+    [left] = provider.undeleted
+    kube_server.go_down()
+    provider.close()
+    assert normalised(caplog.records[-1].getMessage()) == (
+        "cert-manager: CertificateRequests left behind (mesh-identity/mesh-identity-xxxxx): cert-manager: cannot "
+        f"reach the Kubernetes API at {kube_server.url} to delete CertificateRequest mesh-identity/"
+        "mesh-identity-xxxxx: the connection was dropped"
+    )
+    assert left.startswith("mesh-identity/mesh-identity-")
+
+
 def test_sweep_deletes_what_a_crashed_process_left(
     kube_server: KubeServer, signer: CertManagerSigner, make_provider: MakeProvider
 ) -> None:
