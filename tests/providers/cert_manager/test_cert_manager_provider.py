@@ -23,6 +23,7 @@ from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import X509Svid, cert_pem, certs_pem
 from mesh_identity.verify import chain_problem
+from plugins.manager import Plugins
 from plugins.testing import ProviderContract
 from providers.cert_manager import plugin
 from providers.cert_manager.errors import (
@@ -150,6 +151,19 @@ def test_registers_through_the_plugin_hooks() -> None:
         "ca.provider_options.trust_bundle_secret: give only one of trust_bundle_file, trust_bundle_secret and "
         "trust_bundle_configmap (also set: trust_bundle_file)"
     ]
+
+
+def test_found_through_the_entry_point_group() -> None:
+    plugins = Plugins.load()
+    assert plugins.provider("cert-manager") is SPEC
+    with pytest.raises(ConfigError) as info:
+        plugins.validate_provider_options(
+            "cert-manager", {"issuer_name": "x", "in_cluster": True, "context": "prod", "namespace": "A"}
+        )
+    assert str(info.value) == (
+        "ca.provider_options.in_cluster: in-cluster config uses the service account, not context\n"
+        "ca.provider_options.namespace: 'A' is not a valid namespace name"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ issuing
