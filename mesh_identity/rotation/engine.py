@@ -46,6 +46,7 @@ from mesh_identity.rotation.schedule import (
     RetryPolicy,
     Validity,
     check_fraction,
+    due_bounds,
     due_time,
     failure_severity,
     next_attempt,
@@ -114,11 +115,12 @@ class _Timer(BaseTrigger):  # type: ignore[misc]  # apscheduler is untyped
     the per-identity lock runs them one at a time.
     """
 
-    __slots__ = ("failures", "key", "last_error", "validity", "wake")
+    __slots__ = ("armed", "failures", "key", "last_error", "validity", "wake")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.wake: datetime | None = None
+        self.armed: datetime | None = None  # when the scheduler will run the job, as last set or answered
         self.validity: Validity | None = None
         self.failures = 0
         self.last_error: str | None = None
@@ -126,10 +128,12 @@ class _Timer(BaseTrigger):  # type: ignore[misc]  # apscheduler is untyped
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
         wake = self.wake
         if wake is None:
-            return None
-        if previous_fire_time is None or wake > previous_fire_time:
-            return wake
-        return now + WATCHDOG
+            self.armed = None
+        elif previous_fire_time is None or wake > previous_fire_time:
+            self.armed = wake
+        else:
+            self.armed = now + WATCHDOG
+        return self.armed
 
     def __str__(self) -> str:
         return f"wake at {self.wake.isoformat() if self.wake else 'never'}"
@@ -293,10 +297,14 @@ class RotationEngine:
         return self._rotate_entry(entry, requested_by)
 
     def rotate_all(self, requested_by: str = "rotate-all") -> RotationSummary:
-        """Renew every identity now, in this thread (e.g. after a root activation)."""
+        """Renew every identity now, in this thread (e.g. after a root activation).
+
+        A renewed identity's job stays where it is armed when that time lies in the new certificate's jitter
+        window (it becomes the due time) or before it (the job wakes there, finds nothing due and moves itself).
+        So a mass renewal does not also reorder the whole job store one job at a time."""
         with self._lock:
             entries = list(self._entries.values())
-        failed = [entry.source.spiffe_id for entry in entries if not self._rotate_entry(entry, requested_by)]
+        failed = [entry.source.spiffe_id for entry in entries if not self._rotate_entry(entry, requested_by, lazy=True)]
         return RotationSummary(len(entries) - len(failed), tuple(failed))
 
     def _run(self, entry: _Identity) -> None:
@@ -306,7 +314,9 @@ class RotationEngine:
     def _stripe(self, entry: _Timer) -> threading.RLock:
         return self._stripes[hash(entry.key) % _STRIPES]
 
-    def _rotate_entry(self, entry: _Identity, requested_by: str, *, due_only: bool = False) -> bool:
+    def _rotate_entry(
+        self, entry: _Identity, requested_by: str, *, due_only: bool = False, lazy: bool = False
+    ) -> bool:
         with self._stripe(entry):
             if entry.removed:
                 return False
@@ -325,7 +335,7 @@ class RotationEngine:
             if not self.intermediate_mode:
                 self._upstream_answered(now)
             entry.validity = Validity.of(svid.leaf, now)
-            entry.wake = self._due(entry.validity)
+            entry.wake = self._due(entry.validity, keep=entry.armed if lazy else None)
             entry.failures, entry.last_error = 0, None
             entry.source.update(svid)
             if old is not None:
@@ -340,7 +350,7 @@ class RotationEngine:
                         at=now,
                     )
                 )
-            self._schedule(entry)
+            self._schedule(entry, lazy=lazy)
             return True
 
     def _issue(self, spiffe_id: SpiffeId, requested_by: str) -> X509Svid:
@@ -447,15 +457,26 @@ class RotationEngine:
 
     # -- scheduling ----------------------------------------------------------------------------------------
 
-    def _due(self, validity: Validity) -> datetime:
+    def _due(self, validity: Validity, keep: datetime | None = None) -> datetime:
+        """A jittered due time for ``validity``; ``keep`` when it already lies in the jitter window (a job armed
+        there needs no move, and the fleet keeps its spread)."""
+        if keep is not None:
+            earliest, latest = due_bounds(validity, self.settings.rotate_after, self.settings.jitter)
+            if earliest <= keep <= latest:
+                return keep
         return due_time(validity, self.settings.rotate_after, self.settings.jitter, self.rng.random())
 
-    def _schedule(self, timer: _Timer) -> None:
-        """Move the job of ``timer`` to ``timer.wake`` (no-op before :meth:`start`)."""
-        if not self._scheduler.running or timer.wake is None:
+    def _schedule(self, timer: _Timer, *, lazy: bool = False) -> None:
+        """Move the job of ``timer`` to ``timer.wake`` (no-op before :meth:`start`). ``lazy`` leaves a job that
+        will run no later than ``wake`` where it is: it re-arms itself when it finds nothing due."""
+        wake = timer.wake
+        if not self._scheduler.running or wake is None:
+            return
+        if lazy and timer.armed is not None and timer.armed <= wake:
             return
         try:
-            self._scheduler.modify_job(timer.key, next_run_time=timer.wake)
+            self._scheduler.modify_job(timer.key, next_run_time=wake)
+            timer.armed = wake
         except JobLookupError:
             if isinstance(timer, _Identity):
                 if not timer.removed:
