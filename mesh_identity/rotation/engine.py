@@ -345,7 +345,7 @@ class RotationEngine:
                         kind=CertKind.WORKLOAD,
                         old_serial=old.serial,
                         new_serial=svid.serial,
-                        not_after=svid.not_after,
+                        not_after=entry.validity.end,
                         provider=svid.provider,
                         at=now,
                     )
@@ -359,9 +359,9 @@ class RotationEngine:
         signing = self.authority.signing_ca
         if signing is not None:
             left = signing.certificate.not_valid_after_utc - self.clock()
-            wanted = self.authority.settings.workload_ttl
-            if timedelta(0) < left <= wanted:
-                ttl = left - min(timedelta(seconds=1), left / 20)
+            margin = min(timedelta(seconds=1), left / 20)  # the authority reads its clock again a moment later
+            if timedelta(0) < left and left - margin < self.authority.settings.workload_ttl:
+                ttl = left - margin
         return self.authority.issue(spiffe_id, ttl=ttl, requested_by=requested_by)
 
     # -- the intermediate ----------------------------------------------------------------------------------

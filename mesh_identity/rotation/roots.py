@@ -136,10 +136,14 @@ class RootRotation:
         signing_root = self._signing_root(bundle, phase, new_root)
         leaves = self._leaves_by_root(roots)
         old = self._old_roots(bundle, new_root)
-        missing = on_old = None
-        if self.acks is not None:
-            missing = tuple(self.acks.proxies_missing_bundle(frozenset(bundle.fingerprints)))
-            on_old = tuple(self.acks.proxies_chaining_to(old)) if phase == "activated" and old else ()
+        missing: tuple[str, ...] | None = None
+        on_old: tuple[str, ...] | None = None
+        if self.acks is not None:  # asked only what the next step depends on
+            missing = on_old = ()
+            if phase == "prepared":
+                missing = tuple(self.acks.proxies_missing_bundle(frozenset(bundle.fingerprints)))
+            elif phase == "activated" and old:
+                on_old = tuple(self.acks.proxies_chaining_to(old))
         infos = tuple(
             RootInfo(
                 serial=serial_of(root),

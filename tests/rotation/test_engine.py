@@ -106,6 +106,21 @@ def test_rotate_all_renews_everyone(make_engine):
     assert all(engine.source(i).svid().serial != before[i] for i in team)
 
 
+def test_after_a_mass_renewal_no_job_runs_later_than_its_identity_is_due(make_engine, clock):
+    engine, _ = make_engine()
+    team = ids(*(f"w{i}" for i in range(50)))
+    engine.add_all(team)
+    for step in (timedelta(seconds=2), 20 * MINUTE):  # renewed soon after issue, and in mid-life
+        clock.advance(step)
+        engine.rotate_all()
+        jobs = engine.job_times()
+        for spiffe_id in team:
+            state = engine.state(spiffe_id)
+            earliest, latest = due_bounds(Validity.of(engine.source(spiffe_id).svid().leaf, clock.now), 0.5, 0.1)
+            assert earliest <= state.next_rotation <= latest
+            assert jobs[str(spiffe_id)] <= state.next_rotation
+
+
 def test_a_failing_renewal_keeps_serving_backs_off_and_escalates(make_engine, clock):
     plugin = FlakyPlugin()
     policy = RetryPolicy(10 * timedelta(seconds=1), timedelta(seconds=80))
