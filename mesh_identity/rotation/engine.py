@@ -358,7 +358,7 @@ class RotationEngine:
         ttl: timedelta | None = None
         signing = self.authority.signing_ca
         if signing is not None:
-            left = signing.certificate.not_valid_after_utc - self.clock()
+            left = signing.signer.not_after - self.clock()
             margin = min(timedelta(seconds=1), left / 20)  # the authority reads its clock again a moment later
             if timedelta(0) < left and left - margin < self.authority.settings.workload_ttl:
                 ttl = left - margin
