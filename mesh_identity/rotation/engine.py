@@ -205,7 +205,7 @@ class RotationEngine:
         self.check_health()
         self._scheduler.start(paused=paused)
         if self.intermediate_mode:
-            self._add_job(self._ca, self._run_intermediate)
+            self._add_job(self._ca)
         self._scheduler.add_job(
             self.check_health,
             IntervalTrigger(seconds=self.settings.health_interval.total_seconds(), timezone=UTC),
@@ -216,7 +216,7 @@ class RotationEngine:
             entries = list(self._entries.values())
         for entry in entries:
             if entry.wake is not None:
-                self._add_job(entry, self._run)
+                self._add_job(entry)
 
     def resume(self) -> None:
         self._scheduler.resume()
@@ -474,17 +474,22 @@ class RotationEngine:
             return
         if lazy and timer.armed is not None and timer.armed <= wake:
             return
+        if timer.armed is None:  # never handed to the scheduler: no job yet
+            self._add_job(timer)
+            return
         try:
             self._scheduler.modify_job(timer.key, next_run_time=wake)
             timer.armed = wake
         except JobLookupError:
-            if isinstance(timer, _Identity):
-                if not timer.removed:
-                    self._add_job(timer, self._run)
-            else:
-                self._add_job(timer, self._run_intermediate)
+            self._add_job(timer)
 
-    def _add_job(self, timer: _Timer, func: Any) -> None:
+    def _add_job(self, timer: _Timer) -> None:
+        if isinstance(timer, _Identity):
+            if timer.removed:
+                return
+            func: Any = self._run
+        else:
+            func = self._run_intermediate
         self._scheduler.add_job(func, timer, args=(timer,), id=timer.key, name=timer.key, replace_existing=True)
 
     # -- health --------------------------------------------------------------------------------------------
