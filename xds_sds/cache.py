@@ -34,6 +34,13 @@ class Resource:
     body: any_pb2.Any
 
     @classmethod
+    def of(cls, name: str, item: Message | Resource) -> Resource:
+        """``item`` as a resource named ``name``: packed, or renamed when it already is a resource."""
+        if isinstance(item, Resource):
+            return item if item.name == name else cls(name, item.version, item.body)
+        return cls.pack(name, item)
+
+    @classmethod
     def pack(cls, name: str, message: Message) -> Resource:
         if isinstance(message, any_pb2.Any):
             body = message
@@ -61,6 +68,8 @@ class TypeSnapshot:
 
 
 EMPTY = TypeSnapshot.of(())
+Item = Message | Resource
+"""What the cache accepts as a resource: a message to pack, or an already packed :class:`Resource`."""
 
 
 class SnapshotCache:
@@ -85,18 +94,20 @@ class SnapshotCache:
         with self._lock:
             return frozenset(self._nodes.get(node_id, {}))
 
-    def set_snapshot(self, node_id: str, resources: Mapping[str, Mapping[str, Message]]) -> frozenset[str]:
+    def set_snapshot(self, node_id: str, resources: Mapping[str, Mapping[str, Item]]) -> frozenset[str]:
         """Replace the node's resources of every type given (types not given are left alone).
+
+        Values are messages (packed here) or :class:`Resource` objects packed once and shared by many nodes.
 
         :return: the type URLs whose version changed.
         """
         packed = {
-            type_url: TypeSnapshot.of(Resource.pack(name, message) for name, message in by_name.items())
+            type_url: TypeSnapshot.of(Resource.of(name, item) for name, item in by_name.items())
             for type_url, by_name in resources.items()
         }
         return self._apply(node_id, lambda current: packed)
 
-    def set_resources(self, node_id: str, type_url: str, resources: Mapping[str, Message]) -> bool:
+    def set_resources(self, node_id: str, type_url: str, resources: Mapping[str, Item]) -> bool:
         """Replace all resources of one type for a node; True when the version changed."""
         return bool(self.set_snapshot(node_id, {type_url: resources}))
 
@@ -104,11 +115,11 @@ class SnapshotCache:
         self,
         node_id: str,
         type_url: str,
-        upsert: Mapping[str, Message],
+        upsert: Mapping[str, Item],
         remove: Iterable[str] = (),
     ) -> bool:
         """Add or replace some resources of one type and remove others; True when the version changed."""
-        new = [Resource.pack(name, message) for name, message in upsert.items()]
+        new = [Resource.of(name, item) for name, item in upsert.items()]
         gone = frozenset(remove)
 
         def change(current: Mapping[str, TypeSnapshot]) -> dict[str, TypeSnapshot]:

@@ -22,6 +22,7 @@ from datetime import timedelta
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from mesh_identity.events import EventSink
 from mesh_identity.mesh import Address, Mesh
@@ -113,7 +114,7 @@ class XdsServer:
         with self._lock:
             self._svids[svid.spiffe_id] = svid
             nodes = self._mesh.nodes_of(svid.spiffe_id)
-            secrets = secret_resources(svid, self._bundle)
+            secrets = packed(secret_resources(svid, self._bundle))
             for node in nodes:
                 self.cache.update_resources(node, SECRET, secrets)
             return nodes
@@ -127,7 +128,7 @@ class XdsServer:
         with self._lock:
             self._bundle = bundle
             self.tls.update_roots(bundle.pem())
-            secrets = secret_resources(None, bundle)
+            secrets = packed(secret_resources(None, bundle))
             for node in self._mesh.nodes():
                 self.cache.update_resources(node, SECRET, secrets)
 
@@ -172,6 +173,11 @@ class XdsServer:
         """Sidecars that acknowledged ``svid`` as their certificate."""
         version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
         return self.acks.nodes_acked(SECRET, tls_secret_name(svid.spiffe_id), version)
+
+
+def packed(resources: dict[str, Message]) -> dict[str, Resource]:
+    """Pack once what many sidecars share."""
+    return {name: Resource.pack(name, message) for name, message in resources.items()}
 
 
 def _holds(fingerprint: str) -> Callable[[any_pb2.Any], bool]:

@@ -46,6 +46,10 @@ Req_contra = TypeVar("Req_contra", bound=Message, contravariant=True)
 Resp_co = TypeVar("Resp_co", bound=Message, covariant=True)
 
 DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Thousands of proxies reconnect at once after a restart; gRPC core refuses calls beyond 1,000 waiting
+    # for the (single) aio dispatch loop by default, and the clients see INTERNAL errors.
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 50_000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
