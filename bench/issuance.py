@@ -34,8 +34,9 @@ ID = SpiffeId.for_kubernetes(TD, "default", "bench")
 PEM = serialization.Encoding.PEM
 
 
-def raw_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey,
-             uri: str) -> x509.Certificate:
+def raw_leaf(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, public_key: ec.EllipticCurvePublicKey, uri: str
+) -> x509.Certificate:
     """What any careful issuer does for one SVID, with nothing precomputed."""
     now = datetime.now(UTC)
     return (
@@ -49,8 +50,9 @@ def raw_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, publ
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -64,7 +66,8 @@ def raw_generated(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = raw_leaf(ca_cert, ca_key, key.public_key(), uri)
         return cert.public_bytes(PEM) + key.private_bytes(
-            PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     return once
 
