@@ -11,21 +11,26 @@
 * :meth:`XdsServer.update_mesh` when the mesh model (services, endpoints, later policies) changes: each
   sidecar's listeners, routes, clusters and endpoints are rebuilt and only what differs is pushed.
 
-Root rotation asks :meth:`XdsServer.nodes_trusting` which sidecars have acknowledged a bundle holding a root.
+Root rotation asks which sidecars have acknowledged what: :class:`XdsServer` is the rotation engine's
+``AckSource`` (:meth:`XdsServer.proxies_missing_bundle`, :meth:`XdsServer.proxies_chaining_to`), and a
+``Component`` of ``Service`` (``start``/``stop``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
+from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from mesh_identity.events import EventSink
 from mesh_identity.mesh import Address, Mesh
+from mesh_identity.rotation.roots import root_of
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, load_certs_pem
 from xds_sds.acks import AckTracker
@@ -169,6 +174,31 @@ class XdsServer:
         """Sidecars that acknowledged a trust bundle holding the root with this SHA-256 fingerprint."""
         return self.acks.nodes_where(SECRET, bundle_secret_name(self._mesh.trust_domain), _holds(root_fingerprint))
 
+    # -- root rotation's AckSource (mesh_identity.rotation.roots) -----------------------------------------------
+
+    def proxies_missing_bundle(self, fingerprints: frozenset[str]) -> Sequence[str]:
+        """Connected sidecars whose last acknowledged trust bundle lacks one of the roots ``fingerprints``."""
+        name = bundle_secret_name(self._mesh.trust_domain)
+        missing = []
+        for node in sorted(self.connected_nodes()):
+            acked = self.acks.acked(node, SECRET, name)
+            roots = _bundle_roots(acked.body) if acked is not None else ()
+            if not fingerprints <= {fingerprint_of(root) for root in roots}:
+                missing.append(node)
+        return missing
+
+    def proxies_chaining_to(self, fingerprints: frozenset[str]) -> Sequence[str]:
+        """Connected sidecars whose last acknowledged certificate chains to one of the roots ``fingerprints``."""
+        roots = self._bundle.authorities
+        found = []
+        for node in sorted(self.connected_nodes()):
+            identity = self._mesh.node_identity(node)
+            acked = self.acks.acked(node, SECRET, tls_secret_name(identity)) if identity is not None else None
+            chain = _certificate_chain(acked.body) if acked is not None else ()
+            if chain and root_of(chain[-1], roots) in fingerprints:
+                found.append(node)
+        return found
+
     def nodes_serving(self, svid: X509Svid) -> frozenset[str]:
         """Sidecars that acknowledged ``svid`` as their certificate."""
         version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
@@ -180,15 +210,35 @@ def packed(resources: dict[str, Message]) -> dict[str, Resource]:
     return {name: Resource.pack(name, message) for name, message in resources.items()}
 
 
+def _bundle_roots(body: any_pb2.Any) -> tuple[x509.Certificate, ...]:
+    secret = secret_pb2.Secret()
+    if not body.Unpack(secret):
+        return ()
+    try:
+        return load_certs_pem(bundle_roots_pem(secret))
+    except ValueError:
+        return ()
+
+
+def _certificate_chain(body: any_pb2.Any) -> tuple[x509.Certificate, ...]:
+    secret = secret_pb2.Secret()
+    if not body.Unpack(secret):
+        return ()
+    try:
+        return load_certs_pem(bytes(secret.tls_certificate.certificate_chain.inline_bytes))
+    except ValueError:
+        return ()
+
+
 def _holds(fingerprint: str) -> Callable[[any_pb2.Any], bool]:
     def check(body: any_pb2.Any) -> bool:
-        secret = secret_pb2.Secret()
-        if not body.Unpack(secret):
-            return False
-        try:
-            roots = load_certs_pem(bundle_roots_pem(secret))
-        except ValueError:
-            return False
-        return any(fingerprint_of(root) == fingerprint for root in roots)
+        return any(fingerprint_of(root) == fingerprint for root in _bundle_roots(body))
 
     return check
+
+
+if TYPE_CHECKING:  # XdsServer is what root rotation asks (checked by mypy)
+    from mesh_identity.rotation.roots import AckSource
+
+    def _is_ack_source(server: XdsServer) -> AckSource:
+        return server
