@@ -24,6 +24,8 @@ from pathlib import Path
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.overload.v3 import overload_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -40,6 +42,7 @@ XDS_CLUSTER = "mesh-identity-xds"
 CERT_SECRET_NAME = "xds-client-certificate"  # noqa: S105 - an SDS secret name
 BUNDLE_SECRET_NAME = "xds-trust-bundle"  # noqa: S105 - an SDS secret name
 BOOTSTRAP_FILE = "envoy.json"
+MAX_DOWNSTREAM_CONNECTIONS = 10_000  # a sidecar's limit on accepted connections (Envoy's overload manager)
 SDS_DIR = "sds"
 CERT_FILE = "xds-cert.json"
 BUNDLE_FILE = "xds-bundle.json"
@@ -68,6 +71,7 @@ def write_bootstrap(
     cluster: str | None = None,
     admin: Address | None = None,
     delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
 ) -> BootstrapFiles:
     """Write the bootstrap of the sidecar ``node`` (of ``svid``'s identity) and its certificate files.
 
@@ -78,6 +82,7 @@ def write_bootstrap(
     :param admin: the admin address, loopback only; port 0 (the default) lets Envoy pick one (see
         ``--admin-address-path``).
     :param delta: use the incremental xDS protocol instead of state of the world.
+    :param max_connections: the most connections the sidecar accepts at once (Envoy's overload manager).
     """
     admin = admin if admin is not None else Address("127.0.0.1", 0)
     if admin.host not in ("127.0.0.1", "::1"):
@@ -87,7 +92,14 @@ def write_bootstrap(
     renew_bootstrap(svid, out_dir)
     _atomic_write(files.bundle, _secrets_file(_bundle_secret(svid.bundle)), mode=0o644)
     document = bootstrap(
-        files, node=node, cluster=cluster or node, xds=xds, server_identity=server_identity, admin=admin, delta=delta
+        files,
+        node=node,
+        cluster=cluster or node,
+        xds=xds,
+        server_identity=server_identity,
+        admin=admin,
+        delta=delta,
+        max_connections=max_connections,
     )
     _atomic_write(files.bootstrap, json_format.MessageToJson(document, indent=2).encode(), mode=0o644)
     return files
@@ -119,6 +131,7 @@ def bootstrap(
     server_identity: SpiffeId,
     admin: Address,
     delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
 ) -> bootstrap_pb2.Bootstrap:
     """The bootstrap document (see :func:`write_bootstrap`)."""
     api = config_source_pb2.ApiConfigSource
@@ -150,6 +163,18 @@ def bootstrap(
             ads_config=ads_source, cds_config=from_ads, lds_config=from_ads
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(files, xds, server_identity)]),
+        overload_manager=overload_pb2.OverloadManager(
+            resource_monitors=[
+                overload_pb2.ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=pack(
+                        downstream_connections_pb2.DownstreamConnectionsConfig(
+                            max_active_downstream_connections=max_connections
+                        )
+                    ),
+                )
+            ]
+        ),
     )
 
 

@@ -56,6 +56,17 @@ def test_admin_certs_show_our_svids_and_bundle(running: RunningMesh) -> None:
         assert {c.serial_number for c in running.issuer.bundle().authorities} <= envoy.ca_serials()
 
 
+def test_config_dump_shows_the_versions_we_served(running: RunningMesh) -> None:
+    for node, envoy in running.sidecars.items():
+        served = running.xds.cache.get(node, LISTENER)
+        dump = envoy.config_dump("dynamic_listeners")
+        applied = {c["name"]: c["active_state"]["version_info"] for c in dump["configs"]}
+        if running.delta:  # incremental: each resource carries its own version
+            assert applied == {name: r.version for name, r in served.resources.items()}
+        else:  # state of the world: the version of the whole set
+            assert applied == dict.fromkeys(served.resources, served.version)
+
+
 def test_inbound_port_requires_a_mesh_client_certificate(running: RunningMesh, tmp_path: Path) -> None:
     inbound = running.inbound("backend")
     trusted = running.issuer.bundle().pem()
