@@ -256,6 +256,7 @@ def run_one(proxies: int, identities: int, clients: int, options: list[tuple[str
     for proc in procs:
         proc.wait(60)
     server.stop(None)
+    shutil.rmtree(certdir, ignore_errors=True)
     return {
         "proxies": proxies,
         "identities": identities,
