@@ -5,8 +5,9 @@
   ``--admin-address-path``); waits for admin readiness, reads ``/certs``, ``/config_dump``, ``/stats``,
   ``/listeners``, and stops cleanly (SIGTERM, then SIGKILL after a grace period).
 * :func:`loopback_mesh`: a mesh model on loopback from ``{service: [upstreams]}``, with free ports.
-* :func:`start_mesh` / :class:`RunningMesh`: the xDS server, one demo app and one Envoy per sidecar, given
-  any ``Issuer`` (the built-in authority here; the Vault and cert-manager tests pass theirs).
+* :func:`start_mesh` / :class:`RunningMesh`: the xDS server, one app (the HTTP demo app, or the echo app for a
+  TCP service) and one Envoy per sidecar, given any ``Issuer`` (the built-in authority here; the Vault and
+  cert-manager tests pass theirs).
 
 All waits are bounded so that a broken test ends; none of them is a speed check.
 """
@@ -42,6 +43,7 @@ from mesh_identity.svid import TrustBundle, X509Svid
 from xds_sds.bootstrap import BootstrapFiles, write_bootstrap
 from xds_sds.control_plane import XdsServer
 from xds_sds.demoapp import DemoApp, get_json
+from xds_sds.echoapp import EchoApp
 
 ENVOY = Path(sys.executable).parent / "envoy"
 SERVER_PATH = "/mesh-identity/xds"
@@ -268,7 +270,7 @@ class RunningMesh:
     workdir: Path
     delta: bool = False
     max_connection_age: timedelta | None = None
-    apps: dict[str, DemoApp] = field(default_factory=dict)
+    apps: dict[str, DemoApp | EchoApp] = field(default_factory=dict)
     sidecars: dict[str, Envoy] = field(default_factory=dict)
     bootstraps: dict[str, BootstrapFiles] = field(default_factory=dict)
     svids: dict[SpiffeId, X509Svid] = field(default_factory=dict)
@@ -378,7 +380,12 @@ def start_mesh(
         for service in mesh.services.values():
             upstreams = {u.service: u.listen for u in service.upstreams}
             for instance in service.instances:
-                running.apps[instance.node] = DemoApp(service.name, instance.app, upstreams).start()
+                app = (
+                    DemoApp(service.name, instance.app, upstreams)
+                    if service.protocol is AppProtocol.HTTP
+                    else EchoApp(service.name, instance.app)
+                )
+                running.apps[instance.node] = app.start()
         for node in mesh.nodes():
             running.start_sidecar(node)
         for node, envoy in running.sidecars.items():
