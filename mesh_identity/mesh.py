@@ -21,6 +21,10 @@ Every service has one identity and one or more instances; every instance is one 
 
 An identity omitted defaults to ``{namespace: default, service_account: <service name>}``. Errors name the key
 path: ``services.frontend.upstreams[0].service: 'billing' is not a service of this mesh``.
+
+Access control and traffic splits sit beside ``services`` as SMI documents (``policies``, and ``permissive``:
+see :mod:`mesh_identity.smi` and :mod:`mesh_identity.policy`). A service with ``instances: []`` is allowed only
+as the root of a TrafficSplit: its callers reach its backends.
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ from typing import Any
 
 import yaml
 
+from mesh_identity.document import keys as _keys
+from mesh_identity.document import mapping as _mapping
+from mesh_identity.document import sequence as _list
+from mesh_identity.document import string as _string
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
+from mesh_identity.policy import Policy, check_policy
+from mesh_identity.smi import parse_policy
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 MAX_MESH_BYTES = 4 * 1024 * 1024
@@ -93,6 +103,7 @@ class Service:
 class Mesh:
     trust_domain: TrustDomain
     services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
+    policy: Policy = field(default_factory=Policy)
 
     def service(self, name: str) -> Service:
         try:
@@ -131,33 +142,6 @@ class Mesh:
 # -- parsing -----------------------------------------------------------------------------------------------
 
 Parser = Callable[[Any, str], Any]
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{path}: {value!r} is not a mapping")
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{path}: {value!r} is not a list")
-    return value
-
-
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: {value!r} is not a non-empty string")
-    return value
-
-
-def _keys(section: Mapping[str, Any], known: tuple[str, ...], required: tuple[str, ...], path: str) -> None:
-    for key in section:
-        if key not in known:
-            raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(known)})")
-    for key in required:
-        if key not in section:
-            raise ConfigError(f"{path}.{key}: required")
 
 
 def _address(value: Any, path: str) -> Address:
@@ -230,9 +214,7 @@ def _service(name: str, value: Any, path: str, trust_domain: TrustDomain) -> Ser
     instances = tuple(
         _instance(item, f"{path}.instances[{i}]")
         for i, item in enumerate(_list(section["instances"], f"{path}.instances"))
-    )
-    if not instances:
-        raise ConfigError(f"{path}.instances: a service needs at least one instance")
+    )  # none only for the root of a TrafficSplit (checked with the policies)
     upstreams = tuple(
         _upstream(item, f"{path}.upstreams[{i}]")
         for i, item in enumerate(_list(section.get("upstreams", []), f"{path}.upstreams"))
@@ -275,17 +257,27 @@ def _check_references(mesh: Mesh) -> None:
             binds[upstream.listen] = f"{path}.listen"
 
 
+def check_mesh(mesh: Mesh) -> None:
+    """Check a mesh model's cross-references and its policy against its services (ConfigError naming the key).
+
+    :func:`parse_mesh` does this; the xDS server does it again for a model built in code before serving it.
+    """
+    _check_references(mesh)
+    check_policy(mesh.policy, mesh.services, mesh.trust_domain)
+
+
 def parse_mesh(data: Any, trust_domain: TrustDomain) -> Mesh:
     """Validate a parsed mesh document (see the module docstring for its shape)."""
     if data is None:
         data = {}
     document = _mapping(data, "mesh")
-    _keys(document, ("services",), (), "mesh")
+    _keys(document, ("services", "permissive", "policies"), (), "mesh")
     raw = document.get("services")
     raw_services = _mapping({} if raw is None else raw, "services")
     services = {name: _service(name, value, f"services.{name}", trust_domain) for name, value in raw_services.items()}
-    mesh = Mesh(trust_domain, MappingProxyType(services))
-    _check_references(mesh)
+    policy = parse_policy(document.get("permissive"), document.get("policies"), trust_domain)
+    mesh = Mesh(trust_domain, MappingProxyType(services), policy)
+    check_mesh(mesh)
     return mesh
 
 

@@ -8,8 +8,10 @@
 * :meth:`XdsServer.update_bundle` with a new trust bundle (root rotation): the validation-context secret of
   every sidecar, and the roots the xDS port accepts client certificates from;
 * :meth:`XdsServer.update_server_svid` when the server's own certificate rotates (next handshakes use it);
-* :meth:`XdsServer.update_mesh` when the mesh model (services, endpoints, later policies) changes: each
-  sidecar's listeners, routes, clusters and endpoints are rebuilt and only what differs is pushed.
+* :meth:`XdsServer.update_mesh` when the mesh model (services, endpoints, policies) changes: it is checked
+  first (a bad one raises ConfigError and changes nothing: the last good config stays on every sidecar); then
+  the sidecars whose :class:`~xds_sds.proxy.ProxyView` changed get their listeners, routes, clusters and
+  endpoints rebuilt, and only the types that differ are pushed to them.
 
 Root rotation asks which sidecars have acknowledged what: :class:`XdsServer` is the rotation engine's
 ``AckSource`` (:meth:`XdsServer.proxies_missing_bundle`, :meth:`XdsServer.proxies_chaining_to`), and a
@@ -29,7 +31,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from mesh_identity.events import EventSink
-from mesh_identity.mesh import Address, Mesh
+from mesh_identity.mesh import Address, Mesh, check_mesh
 from mesh_identity.rotation.roots import root_of
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, load_certs_pem
@@ -38,7 +40,7 @@ from xds_sds.auth import BindingAuthorizer, bundle_secret_name, tls_secret_name
 from xds_sds.cache import Resource, SnapshotCache
 from xds_sds.credentials import ServerTls
 from xds_sds.metrics import XdsMetrics
-from xds_sds.proxy import proxy_resources, secret_resources
+from xds_sds.proxy import ProxyView, Resources, build_proxy, proxy_views, secret_resources
 from xds_sds.secrets import bundle_roots_pem, tls_certificate_secret
 from xds_sds.server import DiscoveryServer
 from xds_sds.typeurls import SECRET
@@ -69,6 +71,7 @@ class XdsServer:
         self._mesh = mesh
         self._bundle = server_svid.bundle
         self._svids: dict[SpiffeId, X509Svid] = {}
+        self._views: dict[str, ProxyView] = {}
         self.cache = SnapshotCache()
         self.acks = AckTracker()
         self.tls = ServerTls.from_svid(server_svid)
@@ -82,6 +85,7 @@ class XdsServer:
             metrics=metrics,
             address=str(address),
         )
+        check_mesh(mesh)
         self._publish_mesh(mesh, previous=None)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -141,26 +145,37 @@ class XdsServer:
         """The server's own certificate rotated: new handshakes present it (open streams carry on)."""
         self.tls.update(svid.cert_chain_pem(), svid.key_pem())
 
-    def update_mesh(self, mesh: Mesh) -> None:
-        """Rebuild every sidecar's config from ``mesh``; push what changed; forget sidecars that left."""
+    def update_mesh(self, mesh: Mesh) -> tuple[str, ...]:
+        """Serve ``mesh``: rebuild the sidecars whose view of it changed, push what differs, forget those that left.
+
+        :raises ConfigError: the mesh (e.g. a policy) is invalid; nothing changed, every sidecar keeps its config.
+        :return: the node ids whose config was rebuilt.
+        """
         if mesh.trust_domain != self._mesh.trust_domain:
             raise ValueError(f"the mesh moved from {self._mesh.trust_domain} to {mesh.trust_domain}")
+        check_mesh(mesh)
         with self._lock:
             previous, self._mesh = self._mesh, mesh
-            self._publish_mesh(mesh, previous)
+            return self._publish_mesh(mesh, previous)
 
-    def _publish_mesh(self, mesh: Mesh, previous: Mesh | None) -> None:
+    def _publish_mesh(self, mesh: Mesh, previous: Mesh | None) -> tuple[str, ...]:
+        """Build every changed sidecar's config first, then hand it all to the cache (which pushes)."""
         with self._lock:
-            for node in mesh.nodes():
-                identity = mesh.node_identity(node)
-                svid = self._svids.get(identity) if identity is not None else None
-                resources = proxy_resources(mesh, node, max_connection_age=self.max_connection_age)
-                resources[SECRET] = secret_resources(svid, self._bundle)
-                self.cache.set_snapshot(node, resources)
+            views = proxy_views(mesh)
+            changed = [node for node, view in views.items() if self._views.get(node) != view]
+            built: dict[str, Resources] = {}
+            for node in changed:
+                built[node] = build_proxy(views[node], max_connection_age=self.max_connection_age)
+                svid = self._svids.get(views[node].identity)
+                built[node][SECRET] = secret_resources(svid, self._bundle)
+            for node in changed:
+                self.cache.set_snapshot(node, built[node])
+            self._views = views
             if previous is not None:
-                for node in set(previous.nodes()) - set(mesh.nodes()):
+                for node in set(previous.nodes()) - set(views):
                     self.cache.remove_node(node)
                     self.acks.forget(node)
+            return tuple(changed)
 
     def _node_identity(self, node: str) -> SpiffeId | None:
         return self._mesh.node_identity(node)

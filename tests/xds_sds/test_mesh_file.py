@@ -86,7 +86,7 @@ def _two(**changes: Any) -> dict[str, Any]:
     ("document", "message"),
     [
         ([], "mesh: [] is not a mapping"),
-        ({"servces": {}}, "mesh.servces: unknown key (known: services)"),
+        ({"servces": {}}, "mesh.servces: unknown key (known: services, permissive, policies)"),
         ({"services": []}, "services: [] is not a mapping"),
         (
             _one({"instances": []}, name="Web"),

@@ -90,7 +90,7 @@ def test_inbound_listener_requires_a_mesh_client_certificate_and_sets_xfcc() -> 
     assert manager.forward_client_cert_details == hcm_pb2.HttpConnectionManager.SANITIZE_SET
     assert manager.set_current_client_cert_details.uri is True
     assert manager.rds.route_config_name == "inbound|backend"
-    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.router"]
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
 
 
 def test_upstream_cluster_accepts_only_the_upstream_identity() -> None:
@@ -116,7 +116,7 @@ def test_tcp_upstream_and_inbound_use_tcp_proxy() -> None:
     inbound = proxy_resources(_mesh(), "ledger-1")[LISTENER]["inbound|ledger"]
     for listener, cluster in ((outbound, "outbound|ledger"), (inbound, "inbound|ledger|app")):
         [chain] = listener.filter_chains  # type: ignore[attr-defined]
-        proxy = unpack(chain.filters[0].typed_config, tcp_proxy_pb2.TcpProxy)
+        proxy = unpack(chain.filters[-1].typed_config, tcp_proxy_pb2.TcpProxy)  # after RBAC, inbound
         assert proxy.cluster == cluster  # type: ignore[attr-defined]
 
 

@@ -1,0 +1,43 @@
+"""Checks for parsed YAML documents (the mesh file, its SMI policies) whose errors name the key path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mesh_identity.errors import ConfigError
+
+
+def mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{path}: {value!r} is not a mapping")
+    return value
+
+
+def sequence(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: {value!r} is not a list")
+    return value
+
+
+def string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: {value!r} is not a non-empty string")
+    return value
+
+
+def integer(value: Any, path: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: {value!r} is not an integer")
+    if not low <= value <= high:
+        raise ConfigError(f"{path}: {value} is out of range ({low}-{high})")
+    return value
+
+
+def keys(section: Mapping[str, Any], known: tuple[str, ...], required: tuple[str, ...], path: str) -> None:
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(known)})")
+    for key in required:
+        if key not in section:
+            raise ConfigError(f"{path}.{key}: required")
