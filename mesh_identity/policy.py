@@ -185,7 +185,7 @@ def check_policy(policy: Policy, services: Mapping[str, ServiceView], trust_doma
             other = sorted(served - {wanted})
             if other:
                 raise ConfigError(
-                    f"{target.where}.spec.rules[{i}]: a {kind} applies to {wanted} services; "
+                    f"{target.where}.spec.rules[{i}]: {kind} rules apply to {wanted} services; "
                     f"{target.destination} serves {other[0]}"
                 )
     roots: dict[str, str] = {}

@@ -77,7 +77,8 @@ def parse_policy(permissive: Any, documents: Any, trust_domain: TrustDomain) -> 
         permissive = False
     if not isinstance(permissive, bool):
         raise ConfigError(f"permissive: {permissive!r} is not true or false")
-    parsed = [_document(item, f"policies[{i}]") for i, item in enumerate(sequence(documents or [], "policies"))]
+    items = sequence([] if documents is None else documents, "policies")
+    parsed = [_document(item, f"policies[{i}]") for i, item in enumerate(items)]
     seen: dict[tuple[str, str, str], str] = {}
     for kind, namespace, name, _, path in parsed:
         key = (kind, namespace, name)
