@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from mesh_identity.errors import ConfigError
 from mesh_identity.mesh import Address, Mesh, load_mesh, parse_mesh
@@ -23,7 +25,12 @@ from mesh_identity.policy import Backend, HttpMatch, HttpRule, Policy, TrafficSp
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer
 from tests.e2e.harness import RunningMesh, free_address, start_mesh, wait_until
+from tests.policy.test_policy_regex import ACCEPTED, UNSUPPORTED_FEATURES
+from xds_sds.cache import Resource
+from xds_sds.core import pack
 from xds_sds.echoapp import echo
+from xds_sds.rbac import HTTP_RBAC, http_permission
+from xds_sds.routes import to_cluster
 from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 pytestmark = pytest.mark.e2e
@@ -376,3 +383,40 @@ def test_a_tcp_service_echoes_to_an_allowed_identity_and_closes_on_a_denied_one(
         other = doc("TCPRoute", "ledger-port", {"matches": {"ports": [port + 1 if port < 65535 else port - 1]}})
         push(running, mesh_of(spec, other, target("teller-to-ledger", "ledger", ["teller", "thief"], rules)))
         assert echo(running.outbound("teller", "ledger"), b"balance?") == b""
+
+
+# -- our regex check against Envoy's RE2 --------------------------------------------------------------------------
+
+
+def test_envoy_accepts_the_regexes_we_accept_and_rejects_those_we_refuse(
+    http_mesh: tuple[RunningMesh, dict[str, Any]],
+) -> None:
+    """Each pattern goes to backend's sidecar in its inbound route's RBAC; Envoy ACKs or NACKs it."""
+    running, _ = http_mesh
+    node, name = "backend-1", "inbound|backend"
+    original = dict(running.xds.cache.get(node, ROUTE).resources)
+    verdicts: dict[str, str] = {}
+    for pattern in [*ACCEPTED, *(p for p, _ in UNSUPPORTED_FEATURES)]:
+        rules = rbac_pb2.RBAC(
+            policies={
+                "p": rbac_pb2.Policy(
+                    permissions=[http_permission(HttpMatch("m", pattern))], principals=[rbac_pb2.Principal(any=True)]
+                )
+            }
+        )
+        per_route = pack(http_rbac_pb2.RBACPerRoute(rbac=http_rbac_pb2.RBAC(rules=rules)))
+        route = to_cluster(name, "inbound|backend|app", {HTTP_RBAC: per_route})
+        version = Resource.pack(name, route).version
+        running.xds.cache.update_resources(node, ROUTE, {name: route})
+
+        def verdict(version: str = version) -> str | None:
+            acked = running.xds.acks.acked(node, ROUTE, name)
+            if acked is not None and acked.version == version:
+                return "ack"
+            nack = running.xds.acks.last_nack(node, ROUTE)
+            return "nack" if nack is not None and nack.versions.get(name) == version else None
+
+        verdicts[pattern] = wait_until(verdict, f"backend's sidecar to answer for {pattern!r}")
+    running.xds.cache.update_resources(node, ROUTE, original)
+    assert {p for p, v in verdicts.items() if v == "ack"} == set(ACCEPTED)
+    assert {p for p, v in verdicts.items() if v == "nack"} == {p for p, _ in UNSUPPORTED_FEATURES}
