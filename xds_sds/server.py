@@ -112,6 +112,8 @@ class DiscoveryServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._wakes: set[asyncio.Event] = set()  # one per open stream (touched on the server's loop only)
+        self._closing = False
         self._grace: float | None = None
         self._streams: dict[int, StreamInfo] = {}
         self._streams_lock = threading.Lock()
@@ -191,9 +193,13 @@ class DiscoveryServer:
         self._port = port
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        self._closing = False
         log.info("xDS server listening on %s (mTLS)", self.target)
         ready.set()
         await self._stop_event.wait()
+        self._closing = True  # open streams end themselves (status OK); gRPC would cancel them mid-await
+        for wake in self._wakes:
+            wake.set()
         await server.stop(self._grace)
         self._loop = None
 
@@ -237,10 +243,13 @@ class DiscoveryServer:
         cancel_watch: Callable[[], None] | None = None
         key = id(protocol)
         self.metrics.streams.labels(service).inc()
+        self._wakes.add(wake)
         try:
-            while True:
+            while not self._closing:
                 await wake.wait()
                 wake.clear()
+                if self._closing:
+                    return
                 while pending:
                     protocol.on_request(pending.popleft())
                     if cancel_watch is None and session.node_id is not None:
@@ -260,6 +269,7 @@ class DiscoveryServer:
             log.warning("refused %s stream from %s (%s): %s", service, session.identity, session.peer, err)
             await context.abort(err.code, err.message)
         finally:
+            self._wakes.discard(wake)
             reader.cancel()
             if cancel_watch is not None:
                 cancel_watch()

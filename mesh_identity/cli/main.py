@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh_identity.cli import certs, demo, ops
+from mesh_identity.cli import certs, demo, mesh, ops
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError, MeshIdentityError
 
 USAGE_ERRORS = (ConfigError, InvalidSpiffeIdError)
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     certs.add_parsers(sub, common)
     ops.add_parsers(sub, common)
+    mesh.add_parsers(sub, common)
     demo.add_parsers(sub, common)
     return parser
 

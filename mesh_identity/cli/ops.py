@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import signal
-import threading
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from mesh_identity.cli.context import config_of, load_plugins
+from mesh_identity.cli.mesh import MeshControl, attach, identities_for, mesh_of
 from mesh_identity.clock import utcnow
 from mesh_identity.config import Config
 from mesh_identity.durations import format_duration
@@ -53,12 +54,14 @@ def _provider(args: argparse.Namespace, config: Config, *, create: bool) -> tupl
     return plugins, build_provider(config, spec, options, create=create)
 
 
-def build_service(args: argparse.Namespace) -> Service:
-    """The service ``serve`` runs. The xDS server joins it here with ``service.add_component(...)`` and
-    ``service.set_ack_source(...)``."""
+def build_service(args: argparse.Namespace) -> tuple[Service, MeshControl | None]:
+    """The service ``serve`` runs and, when the config has a mesh (``mesh_file`` or ``xds.listen``), the xDS
+    server joined to it (see :mod:`mesh_identity.cli.mesh`)."""
     config = config_of(args)
+    mesh = mesh_of(config)
     plugins, provider = _provider(args, config, create=True)
-    return Service(config, provider, events=plugins)
+    service = Service(config, provider, events=plugins, identities=identities_for(config, mesh))
+    return service, (attach(service, mesh) if mesh is not None else None)
 
 
 # -- serve ---------------------------------------------------------------------------------------------------
@@ -67,15 +70,20 @@ def build_service(args: argparse.Namespace) -> Service:
 def cmd_serve(args: argparse.Namespace) -> int:
     if not args.debug:
         logging.getLogger("mesh_identity").setLevel(logging.INFO)
-    service = build_service(args)
-    stop = threading.Event()
+    service, control = build_service(args)
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        signals.put(signum)  # SimpleQueue.put is safe in a signal handler
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handled = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if control is not None else [])]
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
-        service.start()
+        try:
+            service.start()
+        except BaseException:
+            service.stop()
+            raise
         try:
             created = getattr(service.provider, "created", False)
             state = service.config.state_dir
@@ -87,7 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"(provider {service.provider.name}, {service.config.ca.mode.value} mode)"
             )
             print(f"  metrics, health and status at {service.url} (admin token in {state / ADMIN_TOKEN})", flush=True)
-            stop.wait()
+            if control is not None:
+                print(f"  {control.summary()}", flush=True)
+            while signals.get() == signal.SIGHUP:
+                if control is not None:
+                    control.reload()
         finally:
             service.stop()
     finally:
@@ -334,4 +346,3 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common
     )
     p.add_argument("step", choices=ROOT_STEPS, help="prepare, then activate, then retire")
     p.set_defaults(func=cmd_rotate_root)
-
