@@ -9,6 +9,7 @@ Python lacks); no ``\\Z``, ``\\N{...}``, ``\\u`` or ``\\U`` escapes.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _GROUPS = (
@@ -26,8 +27,12 @@ _RE2_FLAGS = frozenset("imsU-")
 _FLAG_CHARS = frozenset("aiLmsux-")
 
 
+@functools.lru_cache(maxsize=4096)
 def regex_problem(pattern: str) -> str | None:
-    """Why Envoy cannot use ``pattern`` (Python's syntax error, or an RE2 limit), or None when it can."""
+    """Why Envoy cannot use ``pattern`` (Python's syntax error, or an RE2 limit), or None when it can.
+
+    Cached: a mesh's policies repeat the same few patterns, and every mesh update checks them all again.
+    """
     try:
         re.compile(pattern)
     except re.error as err:

@@ -49,16 +49,22 @@ def services(spec: dict[str, tuple[str, list[str]]]) -> dict[str, Any]:
 
     A protocol of ``"root"`` makes an HTTP service without instances (the root of a TrafficSplit).
     """
+    used: set[int] = set()
+
+    def address() -> str:
+        while (found := free_address()).port in used:
+            pass
+        used.add(found.port)
+        return str(found)
+
     out: dict[str, Any] = {}
     for name, (protocol, upstreams) in spec.items():
-        instances = [] if protocol == "root" else [
-            {"node": f"{name}-1", "app": str(free_address()), "inbound": str(free_address())}
-        ]  # fmt: skip
+        instances = [] if protocol == "root" else [{"node": f"{name}-1", "app": address(), "inbound": address()}]
         out[name] = {
             "identity": {"namespace": "e2e", "service_account": name},
             "protocol": "http" if protocol == "root" else protocol,
             "instances": instances,
-            "upstreams": [{"service": u, "listen": str(free_address())} for u in upstreams],
+            "upstreams": [{"service": u, "listen": address()} for u in upstreams],
         }
     return out
 
