@@ -8,6 +8,9 @@ What ``mesh-identity serve`` and the CLI use:
 * :func:`write_bootstrap` / :func:`renew_bootstrap` (``xds_sds.bootstrap``): a sidecar's Envoy bootstrap and
   its file-watched bootstrap certificate.
 * :class:`DemoApp` (``xds_sds.demoapp``): the demo's HTTP app that echoes its caller's SPIFFE ID.
+* ``xds_sds.runtime.MeshXds``: the xDS server as a component of ``serve``, fed by the rotation engine;
+  ``xds_sds.sidecars.SidecarDirs``: the bootstrap directories ``serve`` keeps renewed;
+  ``xds_sds.envoy.EnvoyProcess``: a real Envoy sidecar process (the demo runs them).
 
 The generic layer underneath: :class:`SnapshotCache`, :class:`DiscoveryServer` (SotW + delta ADS, SDS),
 :class:`AckTracker`, :class:`ServerTls`, :class:`BindingAuthorizer`.

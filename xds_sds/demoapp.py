@@ -4,8 +4,9 @@ It listens in plaintext on loopback, behind its sidecar, and answers JSON:
 
 * ``GET /`` -> ``{"service": ..., "peer": <caller's SPIFFE ID>, "xfcc": <raw header>}``; the caller's SPIFFE ID
   comes from the ``x-forwarded-client-cert`` header that the sidecar sets from the verified client certificate.
-* ``GET /call/<upstream>`` -> the same, plus ``"upstream"``: what ``<upstream>`` answered when this app called
-  it through its own sidecar's outbound listener (so one request shows both hops). A failed call answers 502.
+* ``GET /call/<upstream>[/<path>]`` -> the same, plus ``"upstream"``: what ``<upstream>`` answered to
+  ``GET /<path>`` when this app called it through its own sidecar's outbound listener (so one request shows
+  both hops). Paths chain: ``/call/backend/call/ratings`` asks backend to call ratings. A failed call answers 502.
 """
 
 from __future__ import annotations
@@ -91,13 +92,13 @@ def _handler(app: DemoApp) -> type[BaseHTTPRequestHandler]:
             answer: dict[str, Any] = {"service": app.service, "peer": peer_from_xfcc(xfcc), "xfcc": xfcc}
             status = 200
             if self.path.startswith("/call/"):
-                upstream = self.path.removeprefix("/call/")
+                upstream, _, rest = self.path.removeprefix("/call/").partition("/")
                 target = app.upstreams.get(upstream)
                 if target is None:
                     status, answer["error"] = 404, f"{app.service} has no upstream {upstream!r}"
                 else:
                     try:
-                        code, answer["upstream"] = get_json(target, "/")
+                        code, answer["upstream"] = get_json(target, "/" + rest)
                     except OSError as err:
                         code, answer["error"] = 502, f"calling {upstream}: {err}"
                     if code != 200:

