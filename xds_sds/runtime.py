@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mesh_identity.events import EventSink
 from mesh_identity.files import write_private
-from mesh_identity.mesh import Address, Mesh
+from mesh_identity.mesh import Address, Mesh, check_mesh
 from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import X509Svid
@@ -138,10 +138,11 @@ class MeshXds:
     # -- the mesh ------------------------------------------------------------------------------------------
 
     def set_mesh(self, mesh: Mesh) -> None:
-        """Serve ``mesh`` from now on (see the module docstring). The engine is called without this object's
-        lock held: its rotation threads call back into it."""
+        """Serve ``mesh`` from now on (see the module docstring); ConfigError, and no change, when it is invalid.
+        The engine is called without this object's lock held: its rotation threads call back into it."""
         if mesh.trust_domain != self._mesh.trust_domain:
             raise ValueError(f"the mesh moved from {self._mesh.trust_domain} to {mesh.trust_domain}")
+        check_mesh(mesh)  # before anything changes: a bad mesh leaves the engine and the server as they are
         with self._lock:
             previous = self._mesh
         joined = sorted(mesh.identities - previous.identities, key=str)
