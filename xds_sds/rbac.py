@@ -11,7 +11,11 @@ HTTPRouteGroup matches ask.
   listener stays as it is. Should the override ever be missing, the filter denies (fail closed).
 * TCP: the network RBAC filter before ``tcp_proxy``, checked when a connection's first bytes arrive; a denied
   connection is closed. A policy change replaces the listener's filter chain: new connections get the new
-  policy, connections already admitted drain with the old chain.
+  policy, connections already admitted drain with the old chain. Limit: ``tcp_proxy`` opens the connection to
+  the app as soon as the client's is accepted, so with a server-first protocol (the app speaks first: SMTP,
+  MySQL) a denied client may read the app's greeting before its first byte gets it closed. Delaying the app
+  connection to the client's first byte (``upstream_connect_mode``) would stop that, and deadlock such
+  protocols for allowed clients too, so it is not done.
 
 A destination no TrafficTarget names (or any destination in permissive mode) gets one explicit policy:
 any identity of the mesh's trust domain, any request.
