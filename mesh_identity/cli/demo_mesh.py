@@ -3,7 +3,8 @@
 :func:`with_free_ports` rewrites every ``IP:PORT`` string of a mesh document to a port that is free now (the
 same new port wherever the old one appears, so references stay consistent); :func:`check_ports_free` is the
 ``--keep-ports`` alternative. :func:`routes` turns the mesh into what the client exercises: every path along
-``upstreams`` from a service that no one calls, e.g. ``frontend -> backend -> ratings``.
+``upstreams`` from a service that no one calls, e.g. ``frontend -> backend -> ratings``; a path stops at a
+service whose access policy leaves the caller out (:func:`refuses`), and the client expects a refusal there.
 """
 
 from __future__ import annotations
@@ -103,9 +104,13 @@ def demo_config(mesh_file: str, workload_ttl: timedelta) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A path of calls through the mesh; the client asks ``hops[0]``'s app for ``path``."""
+    """A path of calls through the mesh; the client asks ``hops[0]``'s app for ``path``.
+
+    ``refused``: the last hop's sidecar refuses its caller (the policy leaves it out), as the demo shows.
+    """
 
     hops: tuple[str, ...]
+    refused: bool = False
 
     @property
     def name(self) -> str:
@@ -116,16 +121,30 @@ class Route:
         return "".join(f"/call/{hop}" for hop in self.hops[1:])
 
 
+def refuses(mesh: Mesh, caller: str, callee: str) -> bool:
+    """Whether the sidecars behind ``callee`` (its split's backends, if it is split) all refuse ``caller``:
+    TrafficTargets name them and none lists ``caller``'s identity as a source (route matches not considered)."""
+    split = mesh.policy.split_of(callee)
+    backends = [callee] if split is None else [b.service for b in split.backends if b.weight > 0]
+    identity = mesh.services[caller].identity
+    for backend in backends:
+        access = mesh.policy.access_to(mesh.services[backend].identity)
+        if access is None or any(identity in target.sources for target in access):
+            return False
+    return bool(backends)
+
+
 def routes(mesh: Mesh) -> list[Route]:
     """Every path along ``upstreams`` (at most :data:`MAX_HOPS` services, no service twice) from each service
-    with instances that no service calls, in the mesh file's order."""
+    with instances that no service calls, in the mesh file's order; a path ends where it is refused."""
     called = {u.service for s in mesh.services.values() for u in s.upstreams}
     found: list[Route] = []
 
     def walk(hops: tuple[str, ...]) -> None:
+        refused = len(hops) > 1 and refuses(mesh, hops[-2], hops[-1])
         if len(hops) > 1:
-            found.append(Route(hops))
-        if len(hops) == MAX_HOPS:
+            found.append(Route(hops, refused))
+        if len(hops) == MAX_HOPS or refused:
             return
         for upstream in mesh.service(hops[-1]).upstreams:
             if upstream.service not in hops:

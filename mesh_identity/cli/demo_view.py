@@ -3,7 +3,8 @@
 * :class:`Traffic`: the client. It sends requests along every :class:`~mesh_identity.cli.demo_mesh.Route`, one
   after another in a thread, and checks every hop of every answer with :func:`verdict`: each server side must
   have seen its caller's SPIFFE ID (the ``x-forwarded-client-cert`` header its sidecar set from the verified
-  client certificate). Counters are per route, and per answering service (traffic splits show there).
+  client certificate). Counters are per route, and per answering service (traffic splits show there). On a
+  route the policy refuses (``Route.refused``), a request counts as ok when the last hop's sidecar refused it.
 * :class:`RotationLog`: the certificate rotations, and which sidecars loaded each new certificate.
 * :func:`render`: one frame of plain text from a :class:`Frame`; the same text on a terminal (redrawn in
   place) and in a pipe (frames one after another).
@@ -24,6 +25,7 @@ from mesh_identity.durations import format_duration
 from mesh_identity.mesh import Address, Mesh
 
 Hop = tuple[str, str]  # (the service that answered, the SPIFFE ID it saw calling)
+DENIED = "RBAC: access denied"  # what a sidecar answers (403) to a caller its access policy leaves out
 Fetch = Callable[[Address, str], tuple[int, Any]]
 
 
@@ -33,8 +35,12 @@ def verdict(route: Route, mesh: Mesh, status: int, answer: Any) -> tuple[tuple[H
         return (), f"HTTP {status}: {answer!r}"[:200]
     hops: list[Hop] = []
     caller, level = route.hops[0], answer
-    for _ in route.hops[1:]:
+    for callee in route.hops[1:]:
         upstream = level.get("upstream")
+        if route.refused and callee == route.hops[-1]:
+            if upstream == DENIED:
+                return (*hops, (callee, f"refused {caller} (403 {DENIED})")), None
+            return tuple(hops), f"{callee} did not refuse {caller} as its policy says: {str(upstream)[:120]}"
         if not isinstance(upstream, dict):
             return tuple(hops), f"{caller}: {level.get('error') or f'HTTP {status}, no answer from its upstream'}"
         served_by, peer = str(upstream.get("service")), str(upstream.get("peer"))

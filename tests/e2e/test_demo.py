@@ -56,7 +56,7 @@ def test_demo_runs_a_minute_without_a_failed_request_and_with_rotations(tmp_path
     lines = output(tmp_path)
     assert code == 0, "\n".join(lines[-40:])
     pids = envoy_pids(lines)
-    assert set(pids) == {"frontend-1", "backend-1", "ratings-1"}
+    assert set(pids) == {"frontend-1", "backend-1", "ratings-1", "ratings-v2-1", "batch-1"}
     assert all(gone(pid) for pid in pids.values())
     [summary] = [m for line in lines if (m := SUMMARY.match(line))]
     ok, failed, loaded, issued, _ = map(int, summary.groups())
@@ -69,7 +69,17 @@ def test_demo_runs_a_minute_without_a_failed_request_and_with_rotations(tmp_path
     assert re.match(
         r"^frontend -> backend -> ratings +\d+ +0 +backend: spiffe://demo\.mesh/ns/shop/sa/frontend$", lines[last]
     )
-    assert re.match(r"^ +ratings: spiffe://demo\.mesh/ns/shop/sa/backend$", lines[last + 1])
+    assert re.match(r"^ +ratings(-v2)?: spiffe://demo\.mesh/ns/shop/sa/backend$", lines[last + 1])
+    # the policies: batch is refused by backend's sidecar every time; ratings' traffic is split 80/20
+    refused = max(i for i, line in enumerate(lines) if line.startswith("batch -> backend "))
+    assert re.match(
+        r"^batch -> backend +[1-9]\d* +0 +backend: refused batch \(403 RBAC: access denied\)$", lines[refused]
+    )
+    split = max(i for i, line in enumerate(lines) if line.startswith("  frontend -> backend -> ratings answered by: "))
+    assert re.match(
+        r"^  frontend -> backend -> ratings answered by: backend -> ratings \d+, backend -> ratings-v2 [1-9]\d*$",
+        lines[split],
+    )
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
@@ -82,7 +92,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         )
         assert proc.poll() is None, "\n".join(output(tmp_path))
         pids = envoy_pids(output(tmp_path))
-        assert len(pids) == 3 and not any(gone(pid) for pid in pids.values())
+        assert len(pids) == 5 and not any(gone(pid) for pid in pids.values())
         proc.send_signal(signal.SIGINT)
         code = proc.wait(120)
     finally:

@@ -28,12 +28,16 @@ def test_the_shipped_demo_mesh_on_free_ports() -> None:
     old = {str(a) for s in parse_mesh(document, TD).services.values() for i in s.instances for a in (i.app, i.inbound)}
     new = [a for s in mesh.services.values() for i in s.instances for a in (i.app, i.inbound)]
     new += [u.listen for s in mesh.services.values() for u in s.upstreams]
-    assert len(set(new)) == len(new) == 8
+    assert len(set(new)) == len(new) == 13
     assert not old & {str(a) for a in new}
-    assert [(r.name, r.path) for r in routes(mesh)] == [
-        ("frontend -> backend", "/call/backend"),
-        ("frontend -> backend -> ratings", "/call/backend/call/ratings"),
+    assert [(r.name, r.path, r.refused) for r in routes(mesh)] == [
+        ("frontend -> backend", "/call/backend", False),
+        ("frontend -> backend -> ratings", "/call/backend/call/ratings", False),
+        ("batch -> backend", "/call/backend", True),  # backend admits only frontend; the route ends there
     ]
+    split = mesh.policy.split_of("ratings")
+    assert split is not None
+    assert [(b.service, b.weight) for b in split.backends] == [("ratings", 80), ("ratings-v2", 20)]
 
 
 def test_an_address_used_twice_gets_the_same_free_port() -> None:

@@ -60,6 +60,18 @@ def test_verdict_checks_the_caller_each_server_side_saw(
     assert verdict(ROUTE, MESH, status, body) == (hops, error)
 
 
+def test_a_refused_route_is_ok_only_when_the_sidecar_refused() -> None:
+    route = Route(("frontend", "backend"), refused=True)
+    refused = {"service": "frontend", "peer": None, "upstream": "RBAC: access denied"}
+    assert verdict(route, MESH, 502, refused) == ((("backend", "refused frontend (403 RBAC: access denied)"),), None)
+    let_in = {"service": "frontend", "peer": None, "upstream": {"service": "backend", "peer": FRONTEND}}
+    assert verdict(route, MESH, 200, let_in) == (
+        (),
+        "backend did not refuse frontend as its policy says: {'service': 'backend', 'peer': "
+        "'spiffe://demo.mesh/ns/default/sa/frontend'}",
+    )
+
+
 def test_traffic_counts_per_route_and_keeps_the_failures() -> None:
     answers = iter([(200, answer()), (200, answer(backend_peer=BACKEND)), (200, answer())])
     calls: list[tuple[Address, str]] = []
