@@ -26,6 +26,7 @@ Measured, in one process on the machine's shared cores:
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -307,6 +308,7 @@ def run(n: int, rounds: int) -> None:
         for envoy in envoys:
             envoy.stop()
         xds.stop(None)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:
