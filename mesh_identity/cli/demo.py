@@ -3,7 +3,8 @@
 In one process: the control plane (what ``serve`` runs: the built-in CA, the rotation engine, the metrics and
 status endpoint, the xDS server) with workload certificates that live 30 seconds, and the demo apps; as child
 processes, one real Envoy sidecar per app, bootstrapped as ``mesh-identity bootstrap`` would. A client sends
-requests along every route of the mesh (``examples/demo-mesh.yaml``: frontend -> backend -> ratings), and a
+requests along every route of the mesh (``examples/demo-mesh.yaml``: frontend -> backend -> ratings, with
+calls to ratings split 80/20 with ratings-v2, and batch -> backend, which backend's policy refuses), and a
 table refreshed every two seconds shows each hop's SPIFFE IDs as the server side saw them, each sidecar's
 certificate serial and expiry as Envoy reports them, requests ok and failed, and rotations as they happen.
 
