@@ -24,8 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mesh_identity.document import read_yaml
 from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
 from mesh_identity.keys import KeyType
@@ -217,14 +216,4 @@ def load_config(path: Path | None = None) -> Config:
         if not env:
             raise ConfigError(f"no config: pass --config FILE or set {CONFIG_ENV}")
         path = Path(env)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"config: cannot read {path}: {err.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
-    return parse_config(data, path.resolve().parent, path)
+    return parse_config(read_yaml(path, "config", MAX_CONFIG_BYTES), path.resolve().parent, path)

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mesh_identity.errors import ConfigError
+
+
+def read_yaml(path: Path, label: str, max_bytes: int) -> Any:
+    """Read and parse a YAML file of at most ``max_bytes``; ConfigError prefixed with ``label`` otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot read {path}: {err.strerror}") from None
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{label}: {path} is larger than {max_bytes} bytes")
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{label}: {path} is not valid YAML: {err}") from None
 
 
 def mapping(value: Any, path: str) -> Mapping[str, Any]:

@@ -38,10 +38,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from mesh_identity.document import keys as _keys
 from mesh_identity.document import mapping as _mapping
+from mesh_identity.document import read_yaml
 from mesh_identity.document import sequence as _list
 from mesh_identity.document import string as _string
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
@@ -283,14 +282,4 @@ def parse_mesh(data: Any, trust_domain: TrustDomain) -> Mesh:
 
 def load_mesh(path: Path, trust_domain: TrustDomain) -> Mesh:
     """Read and validate a mesh file; ConfigError naming the file or the key path."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"mesh_file: cannot read {path}: {err.strerror}") from None
-    if len(raw) > MAX_MESH_BYTES:
-        raise ConfigError(f"mesh_file: {path} is larger than {MAX_MESH_BYTES} bytes")
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"mesh_file: {path} is not valid YAML: {err}") from None
-    return parse_mesh(data, trust_domain)
+    return parse_mesh(read_yaml(path, "mesh_file", MAX_MESH_BYTES), trust_domain)
