@@ -262,7 +262,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  FAILED trust bundle: {err}")
             failed = True
         try:
-            checks = provider.doctor()
+            checks = provider.doctor(config.ca.workload_ttl, config.ca.intermediate_ttl)
         except MeshIdentityError as err:
             print(f"  FAILED checks: {err}")
             failed = True
