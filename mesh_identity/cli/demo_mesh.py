@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from mesh_identity.durations import format_duration
 from mesh_identity.errors import ConfigError
 from mesh_identity.mesh import Mesh
+from mesh_identity.ports import free_port
 
 _ADDRESS = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:]+\]):(\d{1,5})$")
 MAX_HOPS = 4
@@ -52,15 +52,12 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def with_free_ports(document: Any) -> Any:
-    """``document`` with every address on a port free now (all held open together, so none is handed out twice)."""
+    """``document`` with every address on a port free now, outside the ephemeral range and never handed out twice
+    (see :mod:`mesh_identity.ports`)."""
     table: dict[str, str] = {}
-    with ExitStack() as stack:
-        for _, text, host, _ in _addresses(document, ""):
-            if text in table:
-                continue
-            sock = stack.enter_context(socket.socket(_family(host), socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
+    for _, text, host, _ in _addresses(document, ""):
+        if text not in table:
+            port = free_port(host)
             table[text] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return _replace(document, table)
 

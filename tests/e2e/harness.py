@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mesh_identity import ports
 from mesh_identity.mesh import Address, Instance, Mesh, Service, Upstream
 from mesh_identity.mesh import Protocol as AppProtocol
 from mesh_identity.spiffe import SpiffeId, TrustDomain
@@ -63,10 +64,9 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0, i
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (the OS picks it; nothing here is a fixed port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free right now, outside the ephemeral range (see :mod:`mesh_identity.ports`), never handed out twice
+    in this process; nothing here is a fixed port."""
+    return ports.free_port(host)
 
 
 def free_address(host: str = "127.0.0.1") -> Address:
