@@ -522,12 +522,16 @@ def _labels(obj: JsonObj) -> Mapping[str, str]:
 
 @dataclass(eq=False)
 class Watcher:
-    """One open watch stream; the store pushes ``(type, object)`` pairs, ``None`` to end it."""
+    """One open watch stream; the store pushes ``(type, object)`` pairs, ``None`` to end it. ``user`` opened
+    it; ``resource_version`` is where it started: the version it resumed from, or the current one when it
+    began with the present state (no version, ``0``, or ``sendInitialEvents``)."""
 
     kind: Kind
     namespace: str | None
     matches: Callable[[JsonObj], bool]
     bookmarks: bool
+    user: str = ""
+    resource_version: int = 0
     events: queue.SimpleQueue[tuple[str, JsonObj] | None] = field(default_factory=queue.SimpleQueue)
 
 
@@ -747,10 +751,11 @@ class Store:
         resource_version: str | None,
         bookmarks: bool,
         initial_events: bool,
+        user: str = "",
     ) -> tuple[Watcher, list[tuple[str, JsonObj]]]:
         """Register a watcher and return the events it must be sent first (replay or synthetic ADDED)."""
         with self.lock:
-            watcher = Watcher(kind, namespace, matches, bookmarks)
+            watcher = Watcher(kind, namespace, matches, bookmarks, user, self.resource_version)
             first: list[tuple[str, JsonObj]] = []
             if initial_events or resource_version in (None, "", "0"):
                 first = [("ADDED", obj) for obj in self.select(kind, namespace, matches)]
@@ -765,6 +770,7 @@ class Store:
                     raise bad_request(f"invalid resource version: {resource_version!r}") from None
                 if since < self.compacted:
                     raise expired(since, self.compacted)
+                watcher.resource_version = since
                 replay = Watcher(kind, namespace, matches, bookmarks)
                 for event in self._history:
                     if event.resource_version > since:
@@ -796,10 +802,11 @@ class Store:
                     sent += 1
             return sent
 
-    def compact(self) -> None:
+    def compact(self) -> int:
         with self.lock:
             self._history.clear()
             self.compacted = self.resource_version
+            return self.compacted
 
     def end_watches(self) -> None:
         with self.lock:
@@ -1004,7 +1011,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             watcher, first = store.watch(
-                route.kind, route.namespace, matches, params.get("resourceVersion"), bookmarks, initial
+                route.kind, route.namespace, matches, params.get("resourceVersion"), bookmarks, initial, record["user"]
             )
         except ApiError as err:
             if err.code != 410:
@@ -1138,7 +1145,7 @@ class KubeServer:
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_limit)
         self.down = False
         self._lock = threading.Lock()
-        self._open_watches = 0
+        self._watching: list[Watcher] = []  # the open streams, in the order they opened
         self._watch_changed = threading.Condition(self._lock)
         self._tmp = tempfile.TemporaryDirectory(prefix="kube-server-")
         self.ca_path = Path(self._tmp.name) / "ca.crt"
@@ -1165,7 +1172,7 @@ class KubeServer:
             self._thread = None
         self.store.end_watches()
         with self._watch_changed:  # let the streams end cleanly before the connections are cut
-            self._watch_changed.wait_for(lambda: self._open_watches == 0, 2.0)
+            self._watch_changed.wait_for(lambda: not self._watching, 2.0)
         self._http.drop_connections()
         self._http.server_close()
         self._tmp.cleanup()
@@ -1278,23 +1285,43 @@ class KubeServer:
         """End every open watch stream cleanly, as the real server does when a watch times out."""
         self.store.end_watches()
 
-    def compact(self) -> None:
-        """Drop the watch history: watches from any resourceVersion seen so far get 410 Expired."""
-        self.store.compact()
+    def compact(self) -> int:
+        """Drop the watch history: a watch from any resourceVersion older than the current one gets 410 Expired.
+        Returns the current one, from which a watch still resumes (it missed nothing): to expire what a client
+        has seen, write something after its last event first."""
+        return self.store.compact()
 
     def send_bookmarks(self) -> int:
         """Send a BOOKMARK to every open watch that asked for them; returns how many were sent."""
         return self.store.send_bookmarks()
 
     def wait_for_watches(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until at least ``count`` watch streams are open (so a test can act after a client watches)."""
+        """Wait until at least ``count`` watch streams are open (so a test can act after a client watches).
+        A stream ended by :meth:`end_watches` counts until its handler has closed it; to wait for one client's
+        stream, or for a stream re-opened after some point, use :meth:`wait_for_watch`."""
         with self._watch_changed:
-            return self._watch_changed.wait_for(lambda: self._open_watches >= count, timeout)
+            return self._watch_changed.wait_for(lambda: len(self._watching) >= count, timeout)
+
+    def wait_for_watch(
+        self, *, user: str | None = None, kind: Kind | None = None, since: int = 0, timeout: float = 10.0
+    ) -> bool:
+        """Wait until a watch stream of ``user`` (any user if None) on ``kind`` (any) is open that started at
+        resourceVersion ``since`` or later (see :attr:`Watcher.resource_version`): a client's first watch, or
+        the one it re-opened from a fresh read after :meth:`compact`."""
+
+        def found() -> bool:
+            return any(
+                (user is None or w.user == user) and (kind is None or w.kind is kind) and w.resource_version >= since
+                for w in self._watching
+            )
+
+        with self._watch_changed:
+            return self._watch_changed.wait_for(found, timeout)
 
     @property
     def open_watches(self) -> int:
         with self._lock:
-            return self._open_watches
+            return len(self._watching)
 
     def objects(self, kind: Kind, namespace: str | None = None, label_selector: str = "") -> list[JsonObj]:
         """The stored objects of a kind, read directly (for assertions)."""
@@ -1308,12 +1335,12 @@ class KubeServer:
     # -- used by the handler
     def watch_opened(self, watcher: Watcher) -> None:
         with self._watch_changed:
-            self._open_watches += 1
+            self._watching.append(watcher)
             self._watch_changed.notify_all()
 
     def watch_closed(self, watcher: Watcher) -> None:
         with self._watch_changed:
-            self._open_watches -= 1
+            self._watching.remove(watcher)
             self._watch_changed.notify_all()
 
     def record(self, record: RequestRecord) -> None:

@@ -44,6 +44,7 @@ from tests.fakes.cert_manager_signer import Behaviour, CertManagerSigner, TestCa
 from tests.fakes.kube_server import (
     CERTIFICATE_REQUEST,
     CONFIG_MAP,
+    DEFAULT_USER,
     ISSUER,
     NAMESPACE,
     SECRET,
@@ -685,12 +686,18 @@ def test_expired_watch_is_resumed_from_a_fresh_read(
         target=lambda: result.append(provider.sign_workload(workload_csr(key, WEB), WEB, timedelta(minutes=5)))
     )
     worker.start()
-    assert kube_server.wait_for_watches(2)
+    assert kube_server.wait_for_watch(user=DEFAULT_USER, kind=CERTIFICATE_REQUEST)  # the provider's shared watch
+    # The signer approves the request, then leaves it Pending: two writes the provider's watch receives. Once
+    # both are done nothing writes a CertificateRequest until the signer is told to issue; one landing between
+    # compact() and end_watches() would carry the provider past the compaction, and it would resume with a 200.
+    assert signer.wait_for_outcomes(1)
     kube_server.requests.clear()
-    kube_server.put_object(SECRET, {"metadata": {"name": "unrelated", "namespace": NS}})
-    kube_server.compact()  # history now starts after the provider's last seen version
+    kube_server.put_object(SECRET, {"metadata": {"name": "unrelated", "namespace": NS}})  # not watched by it
+    compacted = kube_server.compact()  # history now starts after the provider's last seen version
     kube_server.end_watches()  # the provider re-watches from that version, which is too old: 410
-    assert kube_server.wait_for_watches(2)
+    # Its watch from the fresh read (not an ended stream whose handler has not closed it yet): only then may
+    # the signer issue, or the provider's deletion of the issued request could come before this watch.
+    assert kube_server.wait_for_watch(user=DEFAULT_USER, kind=CERTIFICATE_REQUEST, since=compacted)
     signer.behaviour = Behaviour.ISSUE
     signer.resync()
     worker.join(timeout=30)

@@ -14,7 +14,7 @@ import pytest
 import urllib3
 from kubernetes.client import ApiException
 
-from tests.fakes.kube_server import CERTIFICATE_REQUEST, DEFAULT_TOKEN, SECRET, KubeServer
+from tests.fakes.kube_server import CERTIFICATE_REQUEST, DEFAULT_TOKEN, DEFAULT_USER, SECRET, KubeServer
 
 G, V, CRS = "cert-manager.io", "v1", "certificaterequests"
 NS = "mesh"
@@ -719,12 +719,35 @@ def test_watch_from_an_expired_resource_version_is_gone(
 ) -> None:
     old = core.create_namespaced_secret(NS, {"metadata": {"name": "a"}}).metadata.resource_version
     core.create_namespaced_secret(NS, {"metadata": {"name": "b"}})
-    kube_server.compact()
+    assert kube_server.compact() == int(old) + 1
     watch = kubernetes.watch.Watch()
     with pytest.raises(ApiException) as info:
         list(watch.stream(core.list_namespaced_secret, NS, resource_version=old, timeout_seconds=30))
     assert info.value.status == 410
     assert info.value.reason == f"Expired: too old resource version: {old} ({int(old) + 1})"
+
+
+def test_wait_for_watch_finds_a_stream_by_user_kind_and_start(
+    kube_server: KubeServer, core: kubernetes.client.CoreV1Api
+) -> None:
+    start = int(core.create_namespaced_secret(NS, {"metadata": {"name": "a"}}).metadata.resource_version)
+    now = int(core.create_namespaced_secret(NS, {"metadata": {"name": "b"}}).metadata.resource_version)
+
+    def stream(**options: Any) -> threading.Thread:
+        watch = kubernetes.watch.Watch()
+        return threading.Thread(target=lambda: list(watch.stream(core.list_namespaced_secret, NS, **options)))
+
+    streams = [stream(resource_version=str(start), timeout_seconds=30), stream(timeout_seconds=30)]
+    streams[0].start()
+    assert kube_server.wait_for_watch(user=DEFAULT_USER, kind=SECRET, since=start)
+    assert not kube_server.wait_for_watch(since=start + 1, timeout=0)  # it resumed from an older version
+    assert not kube_server.wait_for_watch(user="someone-else", timeout=0)
+    assert not kube_server.wait_for_watch(kind=CERTIFICATE_REQUEST, timeout=0)
+    streams[1].start()  # no version: it starts at the current one
+    assert kube_server.wait_for_watch(user=DEFAULT_USER, kind=SECRET, since=now)
+    kube_server.end_watches()
+    for thread in streams:
+        thread.join()
 
 
 def test_history_limit_expires_old_resource_versions() -> None:
