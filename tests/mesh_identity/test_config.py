@@ -25,6 +25,9 @@ def test_example_config_loads() -> None:
     assert config.ca.workload_ttl == timedelta(hours=1)
     assert config.ca.rotate_after == 0.5
     assert str(config.metrics_listen) == "127.0.0.1:9102"
+    assert str(config.xds_listen) == "127.0.0.1:15010"
+    assert config.mesh_file == EXAMPLE.parent.resolve() / "demo-mesh.yaml"
+    assert config.mesh_file.exists()
 
 
 BASE: dict[str, Any] = {"trust_domain": "example.org"}
