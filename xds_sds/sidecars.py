@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mesh_identity.files import ensure_private_dir
@@ -90,30 +90,24 @@ class SidecarDirs:
 
     def renew(self, svid: X509Svid, nodes: Iterable[str]) -> list[str]:
         """Give the registered sidecars among ``nodes`` the bootstrap certificate ``svid``; returns those renewed."""
-        renewed = []
-        for node in nodes:
-            directory = self.directory(node)
-            if directory is None:
-                continue
-            try:
-                renew_bootstrap(svid, directory)
-            except OSError as err:
-                log.warning("cannot renew the bootstrap certificate of %s in %s: %s", node, directory, err)
-                continue
-            renewed.append(node)
-        return renewed
+        return self._renew_each(nodes, "bootstrap certificate", lambda directory: renew_bootstrap(svid, directory))
 
     def renew_bundle(self, bundle: TrustBundle, nodes: Iterable[str]) -> list[str]:
         """Give the registered sidecars among ``nodes`` the trust bundle that verifies the xDS server."""
+        return self._renew_each(nodes, "trust bundle", lambda directory: renew_bootstrap_bundle(bundle, directory))
+
+    def _renew_each(self, nodes: Iterable[str], what: str, renew: Callable[[Path], object]) -> list[str]:
+        """Apply ``renew`` to the directory of each registered sidecar among ``nodes``; returns those renewed
+        (a failure is logged and skips that node)."""
         renewed = []
         for node in nodes:
             directory = self.directory(node)
             if directory is None:
                 continue
             try:
-                renew_bootstrap_bundle(bundle, directory)
+                renew(directory)
             except OSError as err:
-                log.warning("cannot renew the trust bundle of %s in %s: %s", node, directory, err)
+                log.warning("cannot renew the %s of %s in %s: %s", what, node, directory, err)
                 continue
             renewed.append(node)
         return renewed
