@@ -104,6 +104,25 @@ class AuthMethod:
             policies=tuple(auth.get("policies") or ()),
         )
 
+    def log_in(
+        self,
+        connection: Connection,
+        now: float,
+        what: str,
+        request: Callable[[], Any],
+        hint: Callable[[str], str],
+    ) -> Lease:
+        """Log in with ``request`` (an auth-method login call), use the token it returns and return its lease;
+        a refusal raises :class:`VaultLoginError` with what Vault said and ``hint(what Vault said)``."""
+        try:
+            answer = connection.call(what, request)
+        except (VaultRequestError, VaultPermissionDeniedError) as err:
+            says = _says(err)
+            raise VaultLoginError(NAME, f"{what} refused: {says}; {hint(says)}") from err
+        lease = self.lease_from_auth(answer["auth"], now)
+        connection.client.token = lease.token
+        return lease
+
 
 class TokenAuth(AuthMethod):
     """A token given to us: from ``token_file`` (re-read at each login) or the ``token_env`` variable."""
@@ -159,23 +178,18 @@ class AppRoleAuth(AuthMethod):
 
     def login(self, connection: Connection, now: float) -> Lease:
         secret_id = _read_secret(self.secret_id_file, "AppRole secret ID")
-        what = f"AppRole login at auth/{self.mount}"
-        try:
-            answer = connection.call(
-                what,
-                lambda: connection.client.auth.approle.login(
-                    self.role_id, secret_id, use_token=False, mount_point=self.mount
-                ),
-            )
-        except (VaultRequestError, VaultPermissionDeniedError) as err:
-            raise VaultLoginError(
-                NAME,
-                f"{what} refused: {_says(err)}; check approle_role_id and the secret ID in {self.secret_id_file} "
-                "(it may have expired or been used up)",
-            ) from err
-        lease = self.lease_from_auth(answer["auth"], now)
-        connection.client.token = lease.token
-        return lease
+        return self.log_in(
+            connection,
+            now,
+            f"AppRole login at auth/{self.mount}",
+            lambda: connection.client.auth.approle.login(
+                self.role_id, secret_id, use_token=False, mount_point=self.mount
+            ),
+            lambda says: (
+                f"check approle_role_id and the secret ID in {self.secret_id_file} "
+                "(it may have expired or been used up)"
+            ),
+        )
 
 
 class KubernetesAuth(AuthMethod):
@@ -189,26 +203,18 @@ class KubernetesAuth(AuthMethod):
 
     def login(self, connection: Connection, now: float) -> Lease:
         jwt = _read_secret(self.jwt_file, "service-account token")
-        what = f"Kubernetes login at auth/{self.mount} as role {self.role!r}"
-        try:
-            answer = connection.call(
-                what,
-                lambda: connection.client.auth.kubernetes.login(
-                    self.role, jwt, use_token=False, mount_point=self.mount
-                ),
-            )
-        except (VaultRequestError, VaultPermissionDeniedError) as err:
-            says = _says(err)
-            hint = (
+        return self.log_in(
+            connection,
+            now,
+            f"Kubernetes login at auth/{self.mount} as role {self.role!r}",
+            lambda: connection.client.auth.kubernetes.login(self.role, jwt, use_token=False, mount_point=self.mount),
+            lambda says: (
                 "create that role or fix kubernetes_role"
                 if "invalid role name" in says
                 else "the role's bound_service_account_names and bound_service_account_namespaces must include "
                 f"the service account whose token is {self.jwt_file}"
-            )
-            raise VaultLoginError(NAME, f"{what} refused: {says}; {hint}") from err
-        lease = self.lease_from_auth(answer["auth"], now)
-        connection.client.token = lease.token
-        return lease
+            ),
+        )
 
 
 def auth_method(settings: VaultSettings) -> AuthMethod:
