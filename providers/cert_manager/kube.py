@@ -307,7 +307,10 @@ class KubeApi:
         )
 
     def list_requests(self, namespace: str, label_selector: str, limit: int | None = None) -> list[JsonObj]:
-        listing = cast(
+        return list(self._list_requests(namespace, label_selector, limit).get("items") or [])
+
+    def _list_requests(self, namespace: str, label_selector: str, limit: int | None = None) -> JsonObj:
+        return cast(
             JsonObj,
             self._call(
                 f'list CertificateRequests in namespace "{namespace}"',
@@ -320,7 +323,6 @@ class KubeApi:
                 limit=limit,
             ),
         )
-        return list(listing.get("items") or [])
 
     def delete_request(self, namespace: str, name: str, uid: str | None = None) -> bool:
         """Delete one CertificateRequest (only the one with ``uid``); False when it was already gone."""
@@ -354,18 +356,7 @@ class KubeApi:
 
     def list_requests_at(self, namespace: str, label_selector: str) -> tuple[list[JsonObj], str]:
         """The matching CertificateRequests and the resourceVersion of the listing (to watch from)."""
-        listing = cast(
-            JsonObj,
-            self._call(
-                f'list CertificateRequests in namespace "{namespace}"',
-                self.custom.list_namespaced_custom_object,
-                CERT_MANAGER_GROUP,
-                VERSION,
-                namespace,
-                REQUESTS,
-                label_selector=label_selector,
-            ),
-        )
+        listing = self._list_requests(namespace, label_selector)
         return list(listing.get("items") or []), str((listing.get("metadata") or {}).get("resourceVersion") or "")
 
     # -- issuers, bundles, server
