@@ -388,29 +388,23 @@ class KubeApi:
         )
 
     def read_secret_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
-        namespace = ref.namespace or default_namespace
-        secret = self._call(
-            f"read Secret {namespace}/{ref.name}", self.core.read_namespaced_secret, ref.name, namespace
-        )
-        data = secret.data or {}
-        if key not in data:
-            raise KubeNotFoundError(
-                NAME, f"Secret {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})"
-            )
-        return base64.b64decode(data[key])
+        value = self._read_key("Secret", self.core.read_namespaced_secret, ref, default_namespace, key)
+        return base64.b64decode(value)
 
     def read_configmap_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
+        value = self._read_key("ConfigMap", self.core.read_namespaced_config_map, ref, default_namespace, key)
+        return str(value).encode()
+
+    def _read_key(self, kind: str, read: Callable[..., Any], ref: ObjectRef, default_namespace: str, key: str) -> Any:
+        """The value under ``key`` in the data of the Secret or ConfigMap ``ref`` (read with ``read``)."""
         namespace = ref.namespace or default_namespace
-        config_map = self._call(
-            f"read ConfigMap {namespace}/{ref.name}", self.core.read_namespaced_config_map, ref.name, namespace
-        )
-        data = config_map.data or {}
+        found = self._call(f"read {kind} {namespace}/{ref.name}", read, ref.name, namespace)
+        data = found.data or {}
         if key not in data:
             raise KubeNotFoundError(
-                NAME,
-                f"ConfigMap {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})",
+                NAME, f"{kind} {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})"
             )
-        return str(data[key]).encode()
+        return data[key]
 
     def server_version(self) -> str:
         info = self._call("read the server version", kubernetes.client.VersionApi(self.connection.api).get_code)
