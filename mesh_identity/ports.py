@@ -8,6 +8,7 @@ the ephemeral range, checked by binding, and never handed out twice by this proc
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import threading
@@ -18,6 +19,16 @@ _RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _handed_out: set[tuple[str, int]] = set()
 _lock = threading.Lock()
 _random = random.SystemRandom()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: ``localhost`` or a loopback IP."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ephemeral_range() -> tuple[int, int]:

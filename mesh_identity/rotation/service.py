@@ -11,7 +11,6 @@ At start the service writes ``<state_dir>/admin.token`` (0600, a new random toke
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import secrets
@@ -24,6 +23,7 @@ from mesh_identity.config import Config, ListenConfig
 from mesh_identity.events import Event, EventSink, NullSink
 from mesh_identity.files import ensure_private_dir, write_private
 from mesh_identity.metrics import Metrics
+from mesh_identity.ports import is_loopback
 from mesh_identity.provider import CAProvider
 from mesh_identity.rotation.endpoint import ROOT_STEPS, Endpoint
 from mesh_identity.rotation.engine import RotationEngine, RotationSettings
@@ -130,7 +130,7 @@ class Service:
         self.engine.start(paused=paused)
         self.engine.add_all(self.identities)
         listen = self.listen
-        if not _loopback(listen.host):
+        if not is_loopback(listen.host):
             log.warning("the metrics and admin endpoint listens on %s, beyond loopback (admin needs the token)", listen)
         token = secrets.token_urlsafe(32)
         self.endpoint = Endpoint(self, listen.host, listen.port, token)
@@ -187,12 +187,3 @@ class Service:
         message: str = getattr(self.roots, step)()
         log.info("root rotation: %s", message)
         return message
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -21,7 +21,6 @@ token, an environment variable) each time the provider logs in, so a rotated fil
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mesh_identity.errors import ConfigError
+from mesh_identity.ports import is_loopback
 from mesh_identity.provider import OptionSpec, OptionType
 
 PREFIX = "ca.provider_options"
@@ -136,15 +136,6 @@ class VaultSettings:
         return f" in namespace {self.namespace!r}" if self.namespace else ""
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def problems(options: Mapping[str, Any]) -> list[str]:
     """What is wrong across the options (each a message naming the option key); empty when all is well."""
     found: list[str] = []
@@ -154,7 +145,7 @@ def problems(options: Mapping[str, Any]) -> list[str]:
         found.append(f"{PREFIX}.address: {address!r} is not an http(s)://host[:port] URL")
     elif parts.path.strip("/"):
         found.append(f"{PREFIX}.address: {address!r} has a path; give only scheme, host and port")
-    elif parts.scheme == "http" and not _loopback(parts.hostname):
+    elif parts.scheme == "http" and not is_loopback(parts.hostname):
         found.append(
             f"{PREFIX}.address: {address!r} is plaintext HTTP to another host, which would send the Vault token "
             "in clear; use https:// (plain http is accepted on loopback only)"
