@@ -16,8 +16,6 @@ Layout of ``out_dir``::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import duration_pb2, json_format
 
+from mesh_identity.files import write_private
 from mesh_identity.mesh import Address
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid
@@ -90,7 +89,7 @@ def write_bootstrap(
     files = files_in(out_dir)
     files.certificate.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     renew_bootstrap(svid, out_dir)
-    _atomic_write(files.bundle, _secrets_file(_bundle_secret(svid.bundle)), mode=0o644)
+    write_private(files.bundle, _secrets_file(_bundle_secret(svid.bundle)), mode=0o644)
     document = bootstrap(
         files,
         node=node,
@@ -101,7 +100,7 @@ def write_bootstrap(
         delta=delta,
         max_connections=max_connections,
     )
-    _atomic_write(files.bootstrap, json_format.MessageToJson(document, indent=2).encode(), mode=0o644)
+    write_private(files.bootstrap, json_format.MessageToJson(document, indent=2).encode(), mode=0o644)
     return files
 
 
@@ -114,12 +113,12 @@ def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
             private_key=base_pb2.DataSource(inline_bytes=svid.key_pem()),
         ),
     )
-    _atomic_write(files_in(out_dir).certificate, _secrets_file(secret), mode=0o600)
+    write_private(files_in(out_dir).certificate, _secrets_file(secret), mode=0o600)
 
 
 def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> None:
     """Replace the bundle that verifies the xDS server (root rotation)."""
-    _atomic_write(files_in(out_dir).bundle, _secrets_file(_bundle_secret(bundle)), mode=0o644)
+    write_private(files_in(out_dir).bundle, _secrets_file(_bundle_secret(bundle)), mode=0o644)
 
 
 def bootstrap(
@@ -235,17 +234,3 @@ def _bundle_secret(bundle: TrustBundle) -> secret_pb2.Secret:
 def _secrets_file(secret: secret_pb2.Secret) -> bytes:
     response = discovery_pb2.DiscoveryResponse(resources=[pack(secret)])
     return json.dumps(json_format.MessageToDict(response), indent=2).encode()
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
