@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from mesh_identity.errors import ConfigError
+from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 
 def read_yaml(path: Path, label: str, max_bytes: int) -> Any:
@@ -58,3 +59,12 @@ def keys(section: Mapping[str, Any], known: tuple[str, ...], required: tuple[str
     for key in required:
         if key not in section:
             raise ConfigError(f"{path}.{key}: required")
+
+
+def workload_id(identity: SpiffeId, trust_domain: TrustDomain, path: str) -> SpiffeId:
+    """``identity``, checked to be a workload identity (one with a path) in ``trust_domain``."""
+    if identity.trust_domain != trust_domain:
+        raise ConfigError(f"{path}: {identity} is not in trust domain {trust_domain}")
+    if not identity.path:
+        raise ConfigError(f"{path}: {identity} has no path: a workload identity needs one")
+    return identity

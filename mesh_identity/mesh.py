@@ -40,7 +40,7 @@ from typing import Any
 
 from mesh_identity.document import keys as _keys
 from mesh_identity.document import mapping as _mapping
-from mesh_identity.document import read_yaml
+from mesh_identity.document import read_yaml, workload_id
 from mesh_identity.document import sequence as _list
 from mesh_identity.document import string as _string
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
@@ -175,11 +175,7 @@ def _identity(value: Any, path: str, name: str, trust_domain: TrustDomain) -> Sp
             )
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"{path}: {err}") from None
-    if identity.trust_domain != trust_domain:
-        raise ConfigError(f"{path}: {identity} is not in trust domain {trust_domain}")
-    if not identity.path:
-        raise ConfigError(f"{path}: {identity} has no path: a workload identity needs one")
-    return identity
+    return workload_id(identity, trust_domain, path)
 
 
 def _instance(value: Any, path: str) -> Instance:

@@ -39,7 +39,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mesh_identity.document import integer, keys, mapping, sequence, string
+from mesh_identity.document import integer, keys, mapping, sequence, string, workload_id
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
 from mesh_identity.policy import (
     HTTP_METHODS,
@@ -190,11 +190,7 @@ def _identity(value: Any, path: str, namespace: str, trust_domain: TrustDomain) 
         identity = SpiffeId.parse(string(section["id"], f"{path}.id"))
     except InvalidSpiffeIdError as err:
         raise ConfigError(f"{path}: {err}") from None
-    if identity.trust_domain != trust_domain:
-        raise ConfigError(f"{path}.id: {identity} is not in trust domain {trust_domain}")
-    if not identity.path:
-        raise ConfigError(f"{path}.id: {identity} has no path: a workload identity needs one")
-    return identity
+    return workload_id(identity, trust_domain, f"{path}.id")
 
 
 def _target(
