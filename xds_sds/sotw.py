@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_sds.cache import Resource
 from xds_sds.session import Session
-from xds_sds.typeurls import WILDCARD, WILDCARD_TYPES, push_rank
+from xds_sds.typeurls import WILDCARD, WILDCARD_TYPES, in_push_order
 
 
 @dataclass
@@ -80,12 +80,7 @@ class SotwStream:
 
     def responses(self) -> list[discovery_pb2.DiscoveryResponse]:
         """The responses to send now, in push order (at most one per type)."""
-        out = []
-        for type_url in sorted(self._types, key=push_rank):
-            response = self._respond(type_url, self._types[type_url])
-            if response is not None:
-                out.append(response)
-        return out
+        return in_push_order(self._types, self._respond)
 
     def subscribed_types(self) -> frozenset[str]:
         return frozenset(self._types)

@@ -7,6 +7,12 @@ certificate is already known when it warms.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+_State = TypeVar("_State")
+_Response = TypeVar("_Response")
+
 PREFIX = "type.googleapis.com/"
 
 LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
@@ -30,6 +36,16 @@ def push_rank(type_url: str) -> int:
         return PUSH_ORDER.index(type_url)
     except ValueError:
         return len(PUSH_ORDER)
+
+
+def in_push_order(states: Mapping[str, _State], respond: Callable[[str, _State], _Response | None]) -> list[_Response]:
+    """``respond(type_url, state)`` for each type in push order, the Nones left out (a stream's responses now)."""
+    out = []
+    for type_url in sorted(states, key=push_rank):
+        response = respond(type_url, states[type_url])
+        if response is not None:
+            out.append(response)
+    return out
 
 
 def short_name(type_url: str) -> str:
