@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from mesh_identity.mesh import Address
+from xds_sds.threadedapp import ThreadedApp
 
 XFCC = "x-forwarded-client-cert"
 
@@ -50,37 +50,15 @@ def get_json(address: Address, path: str, timeout: float = 5.0) -> tuple[int, An
         return response.status, body.decode(errors="replace")
 
 
-class DemoApp:
+class DemoApp(ThreadedApp):
     """The app of one service. ``upstreams`` maps an upstream service name to its outbound listener address."""
 
     def __init__(self, service: str, address: Address, upstreams: Mapping[str, Address] | None = None) -> None:
         self.service = service
         self.upstreams = dict(upstreams or {})
-        self._httpd = ThreadingHTTPServer((address.host, address.port), _handler(self))
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> Address:
-        host, port = self._httpd.server_address[:2]
-        return Address(str(host), int(port))
-
-    def start(self) -> DemoApp:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"app-{self.service}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> DemoApp:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        httpd = ThreadingHTTPServer((address.host, address.port), _handler(self))
+        httpd.daemon_threads = True
+        super().__init__(httpd, f"app-{service}")
 
 
 def _handler(app: DemoApp) -> type[BaseHTTPRequestHandler]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import socket
 import socketserver
-import threading
 
 from mesh_identity.mesh import Address
+from xds_sds.threadedapp import ThreadedApp
 
 
 def echo(address: Address, payload: bytes, timeout: float = 5.0) -> bytes:
@@ -31,35 +31,12 @@ def echo(address: Address, payload: bytes, timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
-class EchoApp:
+class EchoApp(ThreadedApp):
     """The app of one TCP service."""
 
     def __init__(self, service: str, address: Address) -> None:
         self.service = service
-        self._server = _Server((address.host, address.port), _Echo)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> Address:
-        host, port = self._server.server_address[:2]
-        return Address(str(host), int(port))
-
-    def start(self) -> EchoApp:
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"echo-{self.service}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> EchoApp:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(_Server((address.host, address.port), _Echo), f"echo-{service}")
 
 
 class _Server(socketserver.ThreadingTCPServer):
