@@ -330,7 +330,11 @@ def cmd_rotate_root(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("serve", parents=[common], help="run the authority, the rotation engine and the endpoint")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the authority, rotation engine, metrics/status endpoint and (with a mesh file) the xDS server",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("status", parents=[common], help="every identity, the CA chain and rotation, from the server")
     p.add_argument("--json", action="store_true", help="print the server's /status document")
