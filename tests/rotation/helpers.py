@@ -3,6 +3,7 @@ switch, registered through a real plugin object), event waiting, and chain check
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 from cryptography import x509
 
+from mesh_identity.authority import Authority, AuthoritySettings
 from mesh_identity.clock import utcnow
 from mesh_identity.config import Config, parse_config
 from mesh_identity.errors import ProviderRejectedError, ProviderUnavailableError
@@ -28,6 +30,7 @@ from mesh_identity.provider import (
     ProviderSpec,
     SignedCertificate,
 )
+from mesh_identity.rotation.engine import RotationEngine, RotationSettings
 from mesh_identity.runtime import build_provider
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import TrustBundle, X509Svid
@@ -209,3 +212,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str =
 
 def verify_problem(svid: X509Svid, bundle: TrustBundle, now: datetime | None = None) -> str | None:
     return chain_problem(svid.leaf, svid.chain, bundle, now)
+
+
+def engine_over(
+    provider: CAProvider, mode: Mode, workload_ttl: timedelta, *, seed: int, paused: bool = True
+) -> tuple[RotationEngine, Recorder]:
+    """An authority on ``provider`` (trust domain example.org, 2 h intermediates) and a started rotation engine
+    over it (rotate_after 0.5, jitter 0.1, a seeded random source), both reporting to one :class:`Recorder`."""
+    recorder = Recorder()
+    authority = Authority(
+        provider,
+        AuthoritySettings(
+            TrustDomain("example.org"), mode=mode, workload_ttl=workload_ttl, intermediate_ttl=timedelta(hours=2)
+        ),
+        events=recorder,
+    )
+    authority.start()
+    engine = RotationEngine(authority, RotationSettings(0.5, 0.1), events=recorder, rng=random.Random(seed))
+    engine.start(paused=paused)
+    return engine, recorder

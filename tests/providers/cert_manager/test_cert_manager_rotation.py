@@ -3,7 +3,6 @@ off, reports the provider unhealthy, and recovers; no CertificateRequest is left
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from mesh_identity.authority import Authority, AuthoritySettings
 from mesh_identity.events import CertificateRotated, RotationFailed, Severity
 from mesh_identity.keys import KeyType
 from mesh_identity.provider import Mode, ProviderContext
-from mesh_identity.rotation.engine import RotationEngine, RotationSettings
+from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.cert_manager.provider import SPEC, CertManagerProvider
 from tests.fakes.cert_manager_signer import Behaviour, CertManagerSigner, TestCa
 from tests.fakes.kube_server import CERTIFICATE_REQUEST, KubeServer
-from tests.rotation.helpers import Recorder
+from tests.rotation.helpers import Recorder, engine_over
 
 TD = TrustDomain("example.org")
 NS = "mesh-identity"
@@ -39,15 +37,7 @@ def make_engine(
         context = ProviderContext(TD, tmp_path / "state", KeyType.ECDSA_P256, mode, lambda: datetime.now(UTC))
         options = {"kubeconfig": str(kubeconfig), "issuer_name": "mesh-ca", "timeout": "1s"}
         provider = CertManagerProvider(context, SPEC.validate_options(options), environ={})
-        recorder = Recorder()
-        authority = Authority(
-            provider,
-            AuthoritySettings(TD, mode, workload_ttl=workload_ttl, intermediate_ttl=timedelta(hours=2)),
-            events=recorder,
-        )
-        authority.start()
-        engine = RotationEngine(authority, RotationSettings(0.5, 0.1), events=recorder, rng=random.Random(7))
-        engine.start(paused=True)
+        engine, recorder = engine_over(provider, mode, workload_ttl, seed=7, paused=True)
         made.append((engine, provider))
         return engine, recorder
 

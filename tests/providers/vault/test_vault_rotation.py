@@ -4,23 +4,21 @@ started again on the same port."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from mesh_identity.authority import Authority, AuthoritySettings
 from mesh_identity.events import CertificateRotated, RotationFailed, Severity
 from mesh_identity.keys import KeyType
 from mesh_identity.provider import Mode, ProviderContext
-from mesh_identity.rotation.engine import RotationEngine, RotationSettings
+from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.vault.provider import SPEC, VaultProvider
 from tests.fakes.vault_server import VaultServer
 from tests.providers.vault.targets import set_up_pki
-from tests.rotation.helpers import Recorder
+from tests.rotation.helpers import Recorder, engine_over
 
 TD = TrustDomain("example.org")
 WEB = SpiffeId.for_kubernetes(TD, "default", "web")
@@ -42,15 +40,7 @@ def make_engine(pki: VaultServer, tmp_path: Path) -> Iterator:
         options = {"address": pki.url, "token_file": str(token_file), "pki_role": "spiffe"}
         context = ProviderContext(TD, tmp_path, KeyType.ECDSA_P256, mode, lambda: datetime.now(UTC))
         provider = VaultProvider(context, SPEC.validate_options(options))
-        recorder = Recorder()
-        authority = Authority(
-            provider,
-            AuthoritySettings(TD, mode=mode, workload_ttl=workload_ttl, intermediate_ttl=timedelta(hours=2)),
-            events=recorder,
-        )
-        authority.start()
-        engine = RotationEngine(authority, RotationSettings(0.5, 0.1), events=recorder, rng=random.Random(5))
-        engine.start(paused=paused)
+        engine, recorder = engine_over(provider, mode, workload_ttl, seed=5, paused=paused)
         made.append((engine, provider))
         return engine, recorder
 
