@@ -19,10 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from mesh_identity.errors import ProviderError, ProviderRejectedError
-from providers.vault.connection import NAME, Connection
+from providers.vault.connection import NAME, Connection, Grant
 from providers.vault.errors import (
     VaultLoginError,
     VaultPermissionDeniedError,
@@ -93,15 +92,15 @@ class AuthMethod:
         raise NotImplementedError
 
     @staticmethod
-    def lease_from_auth(auth: dict[str, Any], now: float) -> Lease:
-        ttl = float(auth.get("lease_duration") or 0)
+    def lease_from_grant(grant: Grant, now: float) -> Lease:
+        ttl = grant.lease_duration
         return Lease(
-            token=str(auth["client_token"]),
-            renewable=bool(auth.get("renewable")),
+            token=grant.token,
+            renewable=grant.renewable,
             ttl=ttl,
             obtained=now,
             expires=now + ttl if ttl > 0 else None,
-            policies=tuple(auth.get("policies") or ()),
+            policies=grant.policies,
         )
 
     def log_in(
@@ -109,18 +108,18 @@ class AuthMethod:
         connection: Connection,
         now: float,
         what: str,
-        request: Callable[[], Any],
+        request: Callable[[str], Grant],
         hint: Callable[[str], str],
     ) -> Lease:
-        """Log in with ``request`` (an auth-method login call), use the token it returns and return its lease;
-        a refusal raises :class:`VaultLoginError` with what Vault said and ``hint(what Vault said)``."""
+        """Log in with ``request(what)`` (a login method of the connection), use the token it returns and return
+        its lease; a refusal raises :class:`VaultLoginError` with what Vault said and ``hint(what Vault said)``."""
         try:
-            answer = connection.call(what, request)
+            grant = request(what)
         except (VaultRequestError, VaultPermissionDeniedError) as err:
             says = _says(err)
             raise VaultLoginError(NAME, f"{what} refused: {says}; {hint(says)}") from err
-        lease = self.lease_from_auth(answer["auth"], now)
-        connection.client.token = lease.token
+        lease = self.lease_from_grant(grant, now)
+        connection.use_token(lease.token)
         return lease
 
 
@@ -149,20 +148,19 @@ class TokenAuth(AuthMethod):
 
     def login(self, connection: Connection, now: float) -> Lease:
         token = self.read()
-        connection.client.token = token
+        connection.use_token(token)
         try:
-            data = connection.call("look up the Vault token", connection.client.auth.token.lookup_self)
+            info = connection.lookup_token()
         except VaultPermissionDeniedError:
             raise token_expired(self.source, connection.settings) from None
-        info = data["data"]
-        ttl = float(info.get("ttl") or 0)
+        ttl = info.ttl
         return Lease(
             token=token,
-            renewable=bool(info.get("renewable")),
-            ttl=float(info.get("creation_ttl") or ttl),
+            renewable=info.renewable,
+            ttl=info.creation_ttl or ttl,
             obtained=now,
             expires=now + ttl if ttl > 0 else None,
-            policies=tuple(info.get("policies") or ()),
+            policies=info.policies,
         )
 
 
@@ -182,9 +180,7 @@ class AppRoleAuth(AuthMethod):
             connection,
             now,
             f"AppRole login at auth/{self.mount}",
-            lambda: connection.client.auth.approle.login(
-                self.role_id, secret_id, use_token=False, mount_point=self.mount
-            ),
+            lambda what: connection.login_approle(what, self.role_id, secret_id, self.mount),
             lambda says: (
                 f"check approle_role_id and the secret ID in {self.secret_id_file} "
                 "(it may have expired or been used up)"
@@ -207,7 +203,7 @@ class KubernetesAuth(AuthMethod):
             connection,
             now,
             f"Kubernetes login at auth/{self.mount} as role {self.role!r}",
-            lambda: connection.client.auth.kubernetes.login(self.role, jwt, use_token=False, mount_point=self.mount),
+            lambda what: connection.login_kubernetes(what, self.role, jwt, self.mount),
             lambda says: (
                 "create that role or fix kubernetes_role"
                 if "invalid role name" in says
@@ -266,9 +262,8 @@ class TokenKeeper:
 
     def token_is_valid(self) -> bool:
         """Ask Vault (lookup-self) whether the current token still works."""
-        client = self.connection.client
         try:
-            self.connection.call("look up the Vault token", client.auth.token.lookup_self)
+            self.connection.lookup_token()
         except VaultPermissionDeniedError:
             return False
         return True
@@ -313,12 +308,9 @@ class TokenKeeper:
                 self.lease = replace(lease, can_extend=False)
 
     def _renew(self, lease: Lease, now: float) -> None:
-        client = self.connection.client
         increment = max(1, round(lease.ttl))
         try:
-            answer = self.connection.call(
-                "renew the Vault token", lambda: client.auth.token.renew_self(increment=f"{increment}s")
-            )
+            granted = self.connection.renew_token(increment)
         except VaultPermissionDeniedError:
             if not self.method.relogin:
                 raise self._expired_error() from None
@@ -331,7 +323,6 @@ class TokenKeeper:
             else:
                 self.lease = replace(lease, can_extend=False)
             return
-        granted = float(answer["auth"].get("lease_duration") or 0)
         self.renewals += 1
         capped = granted < lease.ttl * RENEW_AT
         self.lease = replace(lease, obtained=now, expires=now + granted if granted > 0 else None, can_extend=not capped)

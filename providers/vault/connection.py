@@ -1,12 +1,14 @@
-"""The hvac client with our TLS settings, and the translation of hvac and requests errors into ours.
+"""The hvac client with our TLS settings, the translation of hvac and requests errors into ours, and the
+non-PKI calls (health, token lookup and renewal, logins) as typed methods.
 
-This module and :mod:`providers.vault.auth` are the only places that touch hvac; nothing hvac-shaped (its
-exceptions, its untyped dicts) leaves the provider package.
+This module and :mod:`providers.vault.pki` are the only places that touch hvac; nothing hvac-shaped (its
+exceptions, its untyped dicts) leaves them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -91,6 +93,46 @@ def _reason(err: BaseException) -> str:
     return type(err).__name__
 
 
+@dataclass(frozen=True, slots=True)
+class ServerHealth:
+    """What ``sys/health`` answered. ``ok``: Vault returned its health document (it is unsealed and active)."""
+
+    ok: bool
+    status: int
+    version: str
+    initialized: bool | None
+    sealed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What ``auth/token/lookup-self`` says about the token in use (seconds)."""
+
+    ttl: float
+    creation_ttl: float
+    renewable: bool
+    policies: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The ``auth`` part of a login answer: the new token and its lease (seconds)."""
+
+    token: str
+    lease_duration: float
+    renewable: bool
+    policies: tuple[str, ...]
+
+    @classmethod
+    def from_auth(cls, auth: dict[str, Any]) -> Grant:
+        return cls(
+            token=str(auth["client_token"]),
+            lease_duration=float(auth.get("lease_duration") or 0),
+            renewable=bool(auth.get("renewable")),
+            policies=tuple(auth.get("policies") or ()),
+        )
+
+
 class Connection:
     """Runs hvac calls and turns their failures into provider errors that say what to do."""
 
@@ -166,6 +208,67 @@ class Connection:
             errors=tuple(str(e) for e in err.errors or ()),
             what=what,
         )
+
+    # -- calls that are not PKI ------------------------------------------------------------------------------
+
+    def health(self) -> ServerHealth:
+        """``sys/health`` (no token needed); a standby counts as healthy."""
+        answer: Any = self.call(
+            "check Vault's health", lambda: self.client.sys.read_health_status(method="GET", standby_ok=True)
+        )
+        body: Any
+        if isinstance(answer, dict):  # hvac returns the document itself only for a 200
+            ok, status, body = True, 200, answer
+        else:
+            ok, status = False, int(answer.status_code)
+            try:
+                body = answer.json()
+            except ValueError:
+                body = {}
+        initialized = body.get("initialized")
+        return ServerHealth(
+            ok=ok,
+            status=status,
+            version=str(body.get("version", "?")),
+            initialized=initialized if isinstance(initialized, bool) else None,
+            sealed=bool(body.get("sealed")),
+        )
+
+    def use_token(self, token: str) -> None:
+        """Send ``token`` with every later request."""
+        self.client.token = token
+
+    def lookup_token(self) -> TokenInfo:
+        """``auth/token/lookup-self`` for the token in use."""
+        answer = self.call("look up the Vault token", self.client.auth.token.lookup_self)
+        info = answer["data"]
+        return TokenInfo(
+            ttl=float(info.get("ttl") or 0),
+            creation_ttl=float(info.get("creation_ttl") or 0),
+            renewable=bool(info.get("renewable")),
+            policies=tuple(info.get("policies") or ()),
+        )
+
+    def renew_token(self, increment: int) -> float:
+        """``auth/token/renew-self`` asking for ``increment`` seconds; the lease Vault granted, in seconds."""
+        answer = self.call(
+            "renew the Vault token", lambda: self.client.auth.token.renew_self(increment=f"{increment}s")
+        )
+        return float(answer["auth"].get("lease_duration") or 0)
+
+    def login_approle(self, what: str, role_id: str, secret_id: str, mount: str) -> Grant:
+        """An AppRole login at ``auth/<mount>``; ``what`` names it in error messages. The token is not used yet."""
+        answer = self.call(
+            what, lambda: self.client.auth.approle.login(role_id, secret_id, use_token=False, mount_point=mount)
+        )
+        return Grant.from_auth(answer["auth"])
+
+    def login_kubernetes(self, what: str, role: str, jwt: str, mount: str) -> Grant:
+        """A Kubernetes login at ``auth/<mount>``; ``what`` names it in error messages. The token is not used yet."""
+        answer = self.call(
+            what, lambda: self.client.auth.kubernetes.login(role, jwt, use_token=False, mount_point=mount)
+        )
+        return Grant.from_auth(answer["auth"])
 
     def close(self) -> None:
         self.client.adapter.close()

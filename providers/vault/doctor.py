@@ -4,25 +4,60 @@ Each check is one :class:`~mesh_identity.provider.Check` line: Vault reachable a
 (and for how long the token lives), the mount has a CA (valid, ending at a root, long enough for the TTLs wanted),
 the token's policies allow the signing path, and the role allows URI SANs of our trust domain, our key type and
 the TTLs wanted.
+
+Everything is read through :class:`~providers.vault.connection.Connection`, :class:`~providers.vault.pki.Pki` and
+the token keeper of the provider, which passes itself (see :class:`Provider`); this module does not call hvac.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from cryptography import x509
 
 from mesh_identity.durations import format_duration
 from mesh_identity.errors import ProviderError
 from mesh_identity.keys import KeyType
-from mesh_identity.provider import Check, Mode
+from mesh_identity.provider import Check, Mode, ProviderContext
 from mesh_identity.spiffe import SpiffeId
-from providers.vault.auth import Lease
+from mesh_identity.svid import TrustBundle
+from providers.vault.auth import Lease, TokenKeeper
+from providers.vault.connection import Connection
 from providers.vault.errors import VaultSealedError, VaultServerError
-from providers.vault.pki import Role
+from providers.vault.options import VaultSettings
+from providers.vault.pki import Pki, Role
 
-if TYPE_CHECKING:
-    from providers.vault.provider import VaultProvider
+
+class Provider(Protocol):
+    """What the checks need of the provider (:class:`~providers.vault.provider.VaultProvider`)."""
+
+    @property
+    def settings(self) -> VaultSettings: ...
+
+    @property
+    def context(self) -> ProviderContext: ...
+
+    @property
+    def connection(self) -> Connection: ...
+
+    @property
+    def keeper(self) -> TokenKeeper: ...
+
+    @property
+    def pki(self) -> Pki: ...
+
+    @property
+    def extra_roots(self) -> tuple[x509.Certificate, ...]: ...
+
+    @property
+    def where(self) -> str: ...
+
+    @property
+    def known_ca_chain(self) -> tuple[x509.Certificate, ...]: ...
+
+    def trust_bundle(self) -> TrustBundle: ...
 
 
 def glob_allows(pattern: str, value: str) -> bool:
@@ -33,26 +68,17 @@ def glob_allows(pattern: str, value: str) -> bool:
     return re.fullmatch(regex, value, flags=re.DOTALL) is not None
 
 
-def server_state(provider: VaultProvider) -> str:
+def server_state(connection: Connection) -> str:
     """``Vault 1.17.2 at <address> is active and unsealed``; a provider error when it is not usable."""
-    settings = provider.settings
-    client = provider.connection.client
-    answer: Any = provider.connection.call(
-        "check Vault's health",
-        lambda: client.sys.read_health_status(method="GET", standby_ok=True),
-    )
-    if isinstance(answer, dict):
-        return f"Vault {answer.get('version', '?')} at {settings.address} is unsealed and active"
-    code = answer.status_code
-    try:
-        body = answer.json()
-    except ValueError:
-        body = {}
-    if code == 501 or body.get("initialized") is False:
-        raise VaultSealedError("vault", f"Vault at {settings.address} is not initialized; run vault operator init")
-    if code == 503 or body.get("sealed"):
-        raise VaultSealedError("vault", f"Vault at {settings.address} is sealed; unseal it (vault operator unseal)")
-    raise VaultServerError("vault", f"Vault at {settings.address} answered {code} to sys/health")
+    address = connection.settings.address
+    health = connection.health()
+    if health.ok:
+        return f"Vault {health.version} at {address} is unsealed and active"
+    if health.status == 501 or health.initialized is False:
+        raise VaultSealedError("vault", f"Vault at {address} is not initialized; run vault operator init")
+    if health.status == 503 or health.sealed:
+        raise VaultSealedError("vault", f"Vault at {address} is sealed; unseal it (vault operator unseal)")
+    raise VaultServerError("vault", f"Vault at {address} answered {health.status} to sys/health")
 
 
 def describe_lease(lease: Lease, now: float) -> str:
@@ -72,11 +98,11 @@ def _check(name: str, function: Any) -> Check:
 
 
 def run(
-    provider: VaultProvider, *, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None
+    provider: Provider, *, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None
 ) -> list[Check]:
     settings = provider.settings
     mode = provider.context.mode
-    checks = [_check("vault server", lambda: (True, server_state(provider)))]
+    checks = [_check("vault server", lambda: (True, server_state(provider.connection)))]
     if not checks[0].ok:
         return checks
     checks.append(_check("vault auth", lambda: _auth(provider)))
@@ -91,7 +117,7 @@ def run(
     return checks
 
 
-def _auth(provider: VaultProvider) -> tuple[bool, str]:
+def _auth(provider: Provider) -> tuple[bool, str]:
     lease = provider.keeper.login()
     method = provider.keeper.method
     detail = f"{provider.settings.auth_method} auth works; {describe_lease(lease, provider.keeper.clock())}"
@@ -102,11 +128,9 @@ def _auth(provider: VaultProvider) -> tuple[bool, str]:
     return True, detail
 
 
-def _ca(
-    provider: VaultProvider, workload_ttl: timedelta | None, intermediate_ttl: timedelta | None
-) -> tuple[bool, str]:
+def _ca(provider: Provider, workload_ttl: timedelta | None, intermediate_ttl: timedelta | None) -> tuple[bool, str]:
     bundle = provider.trust_bundle()
-    chain = provider._ca_chain
+    chain = provider.known_ca_chain
     issuing = chain[0]
     now = provider.context.clock()
     left = issuing.not_valid_after_utc - now
@@ -126,18 +150,16 @@ def _ca(
     return True, detail
 
 
-def _policy(provider: VaultProvider) -> tuple[bool, str]:
+def _policy(provider: Provider) -> tuple[bool, str]:
     settings = provider.settings
     mount = settings.pki_mount
     paths = [f"{mount}/root/sign-intermediate"] if provider.context.mode is Mode.INTERMEDIATE else []
     if settings.pki_role:
         paths.append(f"{mount}/sign/{settings.pki_role}")
-    client = provider.connection.client
-    answer: Any = provider.run("read the token's capabilities", lambda: client.sys.get_capabilities(paths))
-    data = answer.get("data") or answer
+    capabilities = provider.pki.token_capabilities(paths)
     missing = []
     for path in paths:
-        granted = set(data.get(path) or ())
+        granted = capabilities[path]
         if not granted & {"root", "update", "create"} or "deny" in granted:
             missing.append(path)
     if missing:
@@ -146,7 +168,7 @@ def _policy(provider: VaultProvider) -> tuple[bool, str]:
     return True, "the token may write " + ", ".join(paths)
 
 
-def _role(provider: VaultProvider, workload_ttl: timedelta | None) -> tuple[bool, str]:
+def _role(provider: Provider, workload_ttl: timedelta | None) -> tuple[bool, str]:
     settings = provider.settings
     assert settings.pki_role is not None
     role = provider.pki.role(settings.pki_role)
@@ -195,7 +217,7 @@ def _key_problem(role: Role, key_type: KeyType) -> str | None:
     return None
 
 
-def _mount_ttl(provider: VaultProvider, intermediate_ttl: timedelta) -> tuple[bool, str]:
+def _mount_ttl(provider: Provider, intermediate_ttl: timedelta) -> tuple[bool, str]:
     limit = provider.pki.mount_max_ttl()
     if limit is None:
         return True, f"cannot read the max_lease_ttl of {provider.where} (not allowed to read sys/mounts); not checked"

@@ -193,6 +193,13 @@ class Pki:
         value = data.get("max_lease_ttl")
         return timedelta(seconds=int(value)) if isinstance(value, int) and value > 0 else None
 
+    def token_capabilities(self, paths: Sequence[str]) -> dict[str, frozenset[str]]:
+        """The token's capabilities on each of ``paths`` (``sys/capabilities-self``); none for a path not listed."""
+        client = self.connection.client
+        answer = self._run("read the token's capabilities", lambda: client.sys.get_capabilities(list(paths)))
+        data = answer.get("data") or answer
+        return {path: frozenset(data.get(path) or ()) for path in paths}
+
     # -- signing --------------------------------------------------------------------------------------------
 
     def sign_intermediate(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> Signed:

@@ -105,6 +105,12 @@ class VaultProvider(CAProvider):
     def where(self) -> str:
         return f"mount {self.settings.pki_mount!r}{self.settings.namespace_label}"
 
+    @property
+    def known_ca_chain(self) -> tuple[x509.Certificate, ...]:
+        """The CA chain as Vault last stated it, issuing CA first (empty before the first answer)."""
+        with self._lock:
+            return self._ca_chain
+
     # -- calls ----------------------------------------------------------------------------------------------
 
     def run(self, what: str, function: Callable[[], T]) -> T:
@@ -197,7 +203,7 @@ class VaultProvider(CAProvider):
     def health(self) -> Health:
         now = self.context.clock()
         try:
-            detail = doctor.server_state(self)
+            detail = doctor.server_state(self.connection)
             lease = self.keeper.ensure()
             if not self.keeper.token_is_valid():
                 self.keeper.recover_from_denied(lease.token)  # logs in again, or says why it cannot
