@@ -1,4 +1,5 @@
-"""A thread that plays cert-manager (its approver and a CA issuer) against a :class:`KubeServer`.
+"""A thread that plays cert-manager (its approver and a CA issuer) against a
+:class:`~tests.fakes.kube.server.KubeServer`, on which it installs cert-manager's CRDs.
 
 It talks to the server only through the real ``kubernetes`` client, as its own user
 (``system:serviceaccount:cert-manager:cert-manager``), and does what cert-manager's controllers do with a
@@ -9,9 +10,9 @@ It talks to the server only through the real ``kubernetes`` client, as its own u
    in the API: when it is missing the request stays ``Ready=False`` reason ``Pending`` with cert-manager's
    message ``Referenced "Issuer" not found: issuer.cert-manager.io "<name>" not found``;
 3. it reads the issuer's CA key pair from the Secret named by ``spec.ca.secretName`` and signs
-   ``spec.request`` with real crypto, honouring ``duration`` (capped by the issuer's ``max_duration`` and the
-   CA's own expiry), ``usages`` and ``isCA``; then sets ``status.certificate`` (leaf plus any intermediate),
-   ``status.ca`` (the root, or nothing for an issuer told to omit it) and ``Ready=True`` reason ``Issued``;
+   ``spec.request`` (:func:`~tests.fakes.cert_manager.issuer.sign`); then sets ``status.certificate`` (leaf
+   plus any intermediate), ``status.ca`` (the root, or nothing for an issuer told to omit it) and
+   ``Ready=True`` reason ``Issued``;
 4. ``Denied`` ends in ``Ready=False`` reason ``Denied``; a failure in ``Ready=False`` reason ``Failed`` with
    ``status.failureTime``; a stalled request stays ``Ready=False`` reason ``Pending``.
 
@@ -25,7 +26,6 @@ import base64
 import contextlib
 import datetime as dt
 import enum
-import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,44 +35,19 @@ import kubernetes
 import pytest
 import urllib3
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.fakes.kube_server import KubeServer
+from tests.fakes.cert_manager.crds import GROUP, VERSION, install_crds
+from tests.fakes.cert_manager.issuer import sign
+from tests.fakes.kube import JsonObj, KubeServer
+from tests.pki import TestCa
 
-JsonObj = dict[str, Any]
-
-GROUP, VERSION = "cert-manager.io", "v1"
 SIGNER_TOKEN = "cert-manager-controller-token"
 SIGNER_USER = "system:serviceaccount:cert-manager:cert-manager"
 CLUSTER_RESOURCE_NAMESPACE = "cert-manager"
 APPROVER = "cert-manager.io"
-DEFAULT_DURATION = dt.timedelta(hours=2160)  # cert-manager's default: 90 days
 TERMINAL_REASONS = frozenset({"Issued", "Failed", "Denied"})
-
-KEY_USAGES = {
-    "signing": "digital_signature",
-    "digital signature": "digital_signature",
-    "content commitment": "content_commitment",
-    "key encipherment": "key_encipherment",
-    "key agreement": "key_agreement",
-    "data encipherment": "data_encipherment",
-    "cert sign": "key_cert_sign",
-    "crl sign": "crl_sign",
-    "encipher only": "encipher_only",
-    "decipher only": "decipher_only",
-}
-EXTENDED_KEY_USAGES = {
-    "any": ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
-    "server auth": ExtendedKeyUsageOID.SERVER_AUTH,
-    "client auth": ExtendedKeyUsageOID.CLIENT_AUTH,
-    "code signing": ExtendedKeyUsageOID.CODE_SIGNING,
-    "email protection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
-    "s/mime": ExtendedKeyUsageOID.EMAIL_PROTECTION,
-    "timestamping": ExtendedKeyUsageOID.TIME_STAMPING,
-    "ocsp signing": ExtendedKeyUsageOID.OCSP_SIGNING,
-}
 
 
 class Behaviour(enum.StrEnum):
@@ -81,74 +56,6 @@ class Behaviour(enum.StrEnum):
     FAIL = "fail"  # approved, then the issuer fails terminally
     STALL = "stall"  # approved, then Pending for ever (an issuer that never answers)
     IGNORE = "ignore"  # nothing touches the request (cert-manager not running)
-
-
-def parse_go_duration(text: str) -> dt.timedelta:
-    """``2160h``, ``1h30m0s``, ``90s``: Go's ``time.ParseDuration`` for the units cert-manager accepts."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"invalid duration {text!r}")
-    return dt.timedelta(seconds=sum(float(n) * units[u] for n, u in parts))
-
-
-# --------------------------------------------------------------------------------------------- test CAs
-
-
-@dataclass(frozen=True)
-class TestCa:
-    """A CA key pair; ``parent`` None means self-signed (a root)."""
-
-    __test__ = False  # not a pytest test class
-
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-    parent: TestCa | None = None
-
-    @classmethod
-    def create(
-        cls, common_name: str, parent: TestCa | None = None, lifetime: dt.timedelta = dt.timedelta(days=30)
-    ) -> TestCa:
-        now = dt.datetime.now(dt.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        signer_key = parent.key if parent else key
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(parent.certificate.subject if parent else name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + lifetime)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        )
-        if parent:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False
-            )
-        return cls(builder.sign(signer_key, hashes.SHA256()), key, parent)
-
-    @property
-    def root(self) -> TestCa:
-        return self.parent.root if self.parent else self
-
-    @property
-    def chain(self) -> list[x509.Certificate]:
-        """This CA and its parents below the root (what a leaf's chain carries)."""
-        if self.parent is None:
-            return []
-        return [self.certificate, *self.parent.chain]
-
-    def pem(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.PEM)
-
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
 
 
 @dataclass
@@ -186,6 +93,7 @@ class CertManagerSigner:
     _api: kubernetes.client.ApiClient | None = None
 
     def __post_init__(self) -> None:
+        install_crds(self.server)
         self.server.tokens[SIGNER_TOKEN] = SIGNER_USER
         self._api = kubernetes.client.ApiClient(self.server.client_configuration(SIGNER_TOKEN))
         self.custom = kubernetes.client.CustomObjectsApi(self._api)
@@ -441,52 +349,6 @@ class CertManagerSigner:
         self.custom.replace_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], "certificaterequests", meta["name"], body
         )
-
-
-def sign(spec: JsonObj, ca: TestCa, max_duration: dt.timedelta | None = None) -> x509.Certificate:
-    """Sign a CertificateRequest ``spec`` as cert-manager's CA issuer would; ValueError when it cannot."""
-    try:
-        csr = x509.load_pem_x509_csr(base64.b64decode(spec.get("request", "")))
-    except ValueError as err:
-        raise ValueError(f"error decoding certificate request PEM block: {err}") from None
-    if not csr.is_signature_valid:
-        raise ValueError("certificate request signature is invalid")
-    duration = parse_go_duration(spec["duration"]) if spec.get("duration") else DEFAULT_DURATION
-    if max_duration is not None:
-        duration = min(duration, max_duration)
-    now = dt.datetime.now(dt.UTC)
-    not_after = min(now + duration, ca.certificate.not_valid_after_utc)
-    is_ca = bool(spec.get("isCA"))
-    usages = list(spec.get("usages") or ["digital signature", "key encipherment"])
-    unknown = [u for u in usages if u not in KEY_USAGES and u not in EXTENDED_KEY_USAGES]
-    if unknown:
-        raise ValueError(f"unknown key usages: {', '.join(unknown)}")
-    flags = dict.fromkeys(set(KEY_USAGES.values()), False)
-    for usage in usages:
-        if usage in KEY_USAGES:
-            flags[KEY_USAGES[usage]] = True
-    if is_ca:
-        flags["key_cert_sign"] = True
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(ca.certificate.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(seconds=30))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(**flags), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-    )
-    extended = [EXTENDED_KEY_USAGES[u] for u in usages if u in EXTENDED_KEY_USAGES]
-    if extended:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(dict.fromkeys(extended))), critical=False)
-    with contextlib.suppress(x509.ExtensionNotFound):
-        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        builder = builder.add_extension(sans, critical=csr.subject == x509.Name([]))
-    return builder.sign(ca.key, hashes.SHA256())
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
