@@ -4,8 +4,8 @@ Run:  .venv/bin/python bench/cert_manager_bench.py [--n 200] [--rounds 3] [--con
 
 Both providers issue SVIDs through the public ``Authority.issue`` API in per-workload mode (every SVID signed
 by the provider from a CSR), interleaved round by round in this process; the best round of each is reported.
-The cert-manager side goes through the real ``kubernetes`` client to ``tests/fakes/kube_server.py`` over HTTPS
-on loopback, where the cert-manager stand-in (``tests/fakes/cert_manager_signer.py``) approves and signs each
+The cert-manager side goes through the real ``kubernetes`` client to ``tests/fakes/kube/`` over HTTPS
+on loopback, where the cert-manager stand-in (``tests/fakes/cert_manager/``) approves and signs each
 CertificateRequest. By default the API server and the signer run in a child process, as they would be
 separate processes in a cluster; ``--in-process`` keeps them in this one (they then share its GIL).
 
@@ -49,8 +49,9 @@ NAMESPACE = "mesh-identity"
 def fake_cluster(kubeconfig: Path) -> Iterator[None]:
     """The test API server with the cert-manager stand-in and a CA Issuer, in this process."""
     sys.path.insert(0, str(ROOT))  # the test fakes live in tests/, which is not an installed package
-    from tests.fakes.cert_manager_signer import CertManagerSigner, TestCa
-    from tests.fakes.kube_server import KubeServer
+    from tests.fakes.cert_manager import CertManagerSigner
+    from tests.fakes.kube import KubeServer
+    from tests.pki import TestCa
 
     with KubeServer(history_limit=1000, request_log_limit=1000) as server, CertManagerSigner(server) as signer:
         signer.add_ca_issuer("mesh-ca", TestCa.create("bench root"), namespace=NAMESPACE)

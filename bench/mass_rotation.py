@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from issuance import raw_generated  # the Foundation benchmark's raw loop, reused as is
 
+from mesh_identity.assembly import build_provider, build_service
 from mesh_identity.config import Config, parse_config
-from mesh_identity.rotation.service import Service
-from mesh_identity.runtime import build_provider
+from mesh_identity.server.service import Service
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import X509Svid
 from providers.builtin.provider import SPEC
@@ -51,7 +51,7 @@ def service_in(directory: Path, n: int) -> Service:
     config = config_in(directory)
     identities = [SpiffeId.for_kubernetes(TD, f"ns{i % 100}", f"sa{i}") for i in range(n)]
     provider = build_provider(config, SPEC, SPEC.validate_options({}))
-    return Service(config, provider, identities=identities)
+    return build_service(config, provider, identities=identities)
 
 
 def push(svid: X509Svid) -> None:

@@ -12,7 +12,7 @@ every tenth HTTP service ``s<i>`` (``i % 10 == 0``) is the root of a TrafficSpli
 Measured, in one process on the machine's shared cores:
 
 * parse: the mesh document (YAML already loaded) to the checked model (``parse_mesh``);
-* build all: ``XdsServer(mesh)``: check, every sidecar's view, listeners/routes/clusters/endpoints for every
+* build all: ``MeshPublisher(mesh)``: check, every sidecar's view, listeners/routes/clusters/endpoints for every
   sidecar, packed into the snapshot cache; and a full rebuild (``permissive`` toggled: every inbound policy
   changes) through ``update_mesh``;
 * push one change: ``update_mesh`` with one TrafficTarget gaining or losing a source (affects the destination's
@@ -38,14 +38,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh_identity.mesh import Mesh, parse_mesh  # noqa: E402
+from mesh_identity.mesh.model import Mesh, parse_mesh  # noqa: E402
 from mesh_identity.spiffe import SpiffeId, TrustDomain  # noqa: E402
 from tests.e2e.conftest import AuthorityIssuer, builtin_authority  # noqa: E402
-from tests.e2e.harness import SERVER_PATH, Envoy, free_address, wait_until  # noqa: E402
-from xds_sds.acks import AckEvent  # noqa: E402
-from xds_sds.bootstrap import write_bootstrap  # noqa: E402
-from xds_sds.control_plane import XdsServer  # noqa: E402
-from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET  # noqa: E402
+from tests.e2e.harness import SERVER_PATH, Envoy, free_address  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
+from xds_sds.mesh.publisher import MeshPublisher  # noqa: E402
+from xds_sds.protocol.acks import AckEvent  # noqa: E402
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET  # noqa: E402
+from xds_sds.resources.bootstrap import write_bootstrap  # noqa: E402
 
 TD = TrustDomain("bench.mesh")
 TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
@@ -155,7 +156,7 @@ def index_of(document: dict[str, Any], kind: str, object_name: str) -> int:
 class AckClock:
     """When the last of a set of nodes ACKed a given version of a resource (from the server's ACK events)."""
 
-    def __init__(self, xds: XdsServer) -> None:
+    def __init__(self, xds: MeshPublisher) -> None:
         self.xds = xds
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -191,7 +192,9 @@ class AckClock:
                 self.done.set()
 
 
-def changed_resources(before: dict[str, dict[str, dict[str, str]]], xds: XdsServer) -> dict[tuple[str, str, str], str]:
+def changed_resources(
+    before: dict[str, dict[str, dict[str, str]]], xds: MeshPublisher
+) -> dict[tuple[str, str, str], str]:
     out = {}
     for node, types in before.items():
         for type_url, versions in types.items():
@@ -201,7 +204,7 @@ def changed_resources(before: dict[str, dict[str, dict[str, str]]], xds: XdsServ
     return out
 
 
-def caught_up(xds: XdsServer, node: str) -> bool:
+def caught_up(xds: MeshPublisher, node: str) -> bool:
     return all(
         (acked := xds.acks.acked(node, t, r)) is not None and acked.version == resource.version
         for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE)
@@ -209,14 +212,14 @@ def caught_up(xds: XdsServer, node: str) -> bool:
     )
 
 
-def snapshot_versions(xds: XdsServer, nodes: list[str]) -> dict[str, dict[str, dict[str, str]]]:
+def snapshot_versions(xds: MeshPublisher, nodes: list[str]) -> dict[str, dict[str, dict[str, str]]]:
     return {
         node: {t: {r: v.version for r, v in xds.cache.get(node, t).resources.items()} for t in TYPES} for node in nodes
     }
 
 
 def measure_push(
-    xds: XdsServer, clock: AckClock, meshes: list[Mesh], rounds: int, envoy_nodes: list[str]
+    xds: MeshPublisher, clock: AckClock, meshes: list[Mesh], rounds: int, envoy_nodes: list[str]
 ) -> tuple[list[float], list[float], set[int]]:
     server_ms, ack_ms, rebuilt_counts = [], [], set()
     all_nodes = sorted(xds.cache.nodes())
@@ -258,9 +261,9 @@ def run(n: int, rounds: int) -> None:
     issuer = AuthorityIssuer(builtin_authority(workdir / "ca", TD))
     server_svid = issuer.issue(SpiffeId(TD, SERVER_PATH))
     start = time.perf_counter()
-    xds = XdsServer(mesh, server_svid)
+    xds = MeshPublisher(mesh, server_svid)
     build_s = time.perf_counter() - start
-    print(f"build all sidecars' snapshots (XdsServer init): {build_s * 1000:.0f} ms, "
+    print(f"build all sidecars' snapshots (MeshPublisher init): {build_s * 1000:.0f} ms, "
           f"{build_s / proxies * 1e6:.0f} us per sidecar")  # fmt: skip
     xds.update_bundle(issuer.bundle())
     for identity in sorted(mesh.identities):

@@ -110,7 +110,7 @@ async def client_main(target: str, certdir: Path, nodes: list[tuple[str, int]]) 
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-    from xds_sds.typeurls import SECRET
+    from xds_sds.protocol.typeurls import SECRET
 
     roots = (certdir / "ca.pem").read_bytes()
     channels: dict[int, grpc.aio.Channel] = {}
@@ -167,13 +167,13 @@ async def client_main(target: str, certdir: Path, nodes: list[tuple[str, int]]) 
 
 
 def run_one(proxies: int, identities: int, clients: int, options: list[tuple[str, int]]) -> dict[str, float]:
-    from xds_sds.acks import AckEvent, AckTracker
-    from xds_sds.auth import BindingAuthorizer, tls_secret_name
-    from xds_sds.cache import Resource, SnapshotCache
-    from xds_sds.credentials import ServerTls
-    from xds_sds.secrets import tls_certificate_secret, validation_context_secret
-    from xds_sds.server import DEFAULT_OPTIONS, DiscoveryServer
-    from xds_sds.typeurls import SECRET
+    from xds_sds.protocol.acks import AckEvent, AckTracker
+    from xds_sds.protocol.auth import BindingAuthorizer, tls_secret_name
+    from xds_sds.protocol.cache import Resource, SnapshotCache
+    from xds_sds.protocol.credentials import ServerTls
+    from xds_sds.protocol.server import DEFAULT_OPTIONS, DiscoveryServer
+    from xds_sds.protocol.typeurls import SECRET
+    from xds_sds.resources.secrets import tls_certificate_secret, validation_context_secret
 
     ca = Ca()
     certdir = Path(tempfile.mkdtemp(prefix="sds-fanout-"))

@@ -55,7 +55,7 @@ class TestServer:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.vault_server"],
+            [sys.executable, "-m", "tests.fakes.vault"],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

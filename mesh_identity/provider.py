@@ -166,6 +166,9 @@ class CAProvider(abc.ABC):
     from worker threads, never from an event loop."""
 
     name: str = ""
+    #: True when opening this instance created new CA state (a new root), False when it loaded existing
+    #: state, None when the provider keeps no local CA state (an upstream CA). The CLI tells the operator.
+    created: bool | None = None
 
     @abc.abstractmethod
     def capabilities(self) -> Capabilities:

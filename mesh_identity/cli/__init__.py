@@ -1,7 +1,7 @@
 """The ``mesh-identity`` command line.
 
-The CLI is the composition root: it is the one place in ``mesh_identity`` that wires the core to the plugin
-manager (``plugins``) and, for ``serve``, to the xDS server (``xds_sds``).
+Each command module parses its arguments, calls the composition root (:func:`mesh_identity.compose.build`,
+through :mod:`mesh_identity.cli.common`) and prints; none imports another command module.
 """
 
 from __future__ import annotations

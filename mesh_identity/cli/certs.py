@@ -7,8 +7,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from mesh_identity.cli.context import load_plugins, runtime
+from mesh_identity.cli.common import build_for
 from mesh_identity.clock import utcnow
+from mesh_identity.compose import Stage, provider_specs
 from mesh_identity.durations import format_duration, parse_duration
 from mesh_identity.errors import ConfigError
 from mesh_identity.files import ensure_private_dir, write_private
@@ -19,14 +20,13 @@ from mesh_identity.verify import chain_problem
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    rt = runtime(args, create=True, start=False)
-    bundle = rt.provider.trust_bundle()
-    created = getattr(rt.provider, "created", None)
-    state = rt.config.state_dir
-    verb = "created" if created else "using existing" if created is False else "using"
-    print(f"{verb} CA state in {state} (provider {rt.provider.name})")
-    for root in bundle.authorities:
-        print(f"  root {serial_of(root)}  expires {root.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    with build_for(args, Stage.PROVIDER, create=True) as system:
+        provider = system.provider
+        bundle = provider.trust_bundle()
+        verb = "created" if provider.created else "using existing" if provider.created is False else "using"
+        print(f"{verb} CA state in {system.config.state_dir} (provider {provider.name})")
+        for root in bundle.authorities:
+            print(f"  root {serial_of(root)}  expires {root.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
     return 0
 
 
@@ -35,8 +35,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     ttl = _duration(args.ttl, "--ttl") if args.ttl else None
     key_type = _key_type(args.key_type) if args.key_type else None
     csr = _read(args.csr, "--csr") if args.csr else None
-    rt = runtime(args, create=False)
-    svid = rt.authority.issue(spiffe_id, csr=csr, ttl=ttl, key_type=key_type, requested_by="cli")
+    with build_for(args, Stage.AUTHORITY, create=False) as system:
+        assert system.authority is not None  # built at Stage.AUTHORITY
+        svid = system.authority.issue(spiffe_id, csr=csr, ttl=ttl, key_type=key_type, requested_by="cli")
     out = ensure_private_dir(Path(args.out))
     # Everything is issued in memory first; the files are then each replaced atomically.
     if svid.private_key is not None:
@@ -88,8 +89,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
-    plugins = load_plugins(args)
-    for spec in plugins.providers().values():
+    for spec in provider_specs(debug=bool(args.debug)):
         caps = spec.capabilities
         print(f"{spec.name}: {spec.description}")
         print(f"  modes: {', '.join(sorted(caps.modes))}; key types: {', '.join(sorted(caps.key_types))}")

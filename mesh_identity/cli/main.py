@@ -7,7 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh_identity.cli import certs, demo, mesh, ops
+from mesh_identity.cli import bootstrap, certs, doctor, serve, status
+from mesh_identity.demo import command as demo
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError, MeshIdentityError
 
 USAGE_ERRORS = (ConfigError, InvalidSpiffeIdError)
@@ -22,10 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", metavar="FILE", help="config file (default: $MESH_IDENTITY_CONFIG)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    certs.add_parsers(sub, common)
-    ops.add_parsers(sub, common)
-    mesh.add_parsers(sub, common)
-    demo.add_parsers(sub, common)
+    for module in (certs, serve, status, doctor, bootstrap, demo):
+        module.add_parsers(sub, common)
     return parser
 
 

@@ -1,18 +1,16 @@
-"""Rotation: scheduling (pure functions of ``now``), the engine on APScheduler, SVID sources, root rotation,
-the status snapshot and the running service.
+"""Rotation: keeping every identity's SVID issued and fresh.
 
-The modules, from the bottom up: :mod:`~mesh_identity.rotation.schedule` (due times, backoff, escalation),
-:mod:`~mesh_identity.rotation.source` (current SVID and bundle with subscriptions),
-:mod:`~mesh_identity.rotation.engine` (one job per identity), :mod:`~mesh_identity.rotation.roots` (prepare,
-activate, retire on evidence), :mod:`~mesh_identity.rotation.status` (one snapshot for ``/status`` and the
-metrics), :mod:`~mesh_identity.rotation.endpoint` (the HTTP listener) and
-:mod:`~mesh_identity.rotation.service` (everything together, for ``mesh-identity serve``).
+From the bottom up: :mod:`~mesh_identity.rotation.schedule` (due times, backoff, escalation: pure functions of
+``now``), :mod:`~mesh_identity.rotation.source` (the current SVID and bundle, with subscriptions),
+:mod:`~mesh_identity.rotation.engine` (one APScheduler job per identity), :mod:`~mesh_identity.rotation.roots`
+(root rotation: prepare, activate, retire on evidence) and :mod:`~mesh_identity.rotation.membership` (the
+workload registry decides which identities the engine keeps issued).
 """
 
 from __future__ import annotations
 
 from mesh_identity.rotation.engine import RotationEngine, RotationSettings, RotationState, RotationSummary
-from mesh_identity.rotation.roots import AckSource, RootRotation
+from mesh_identity.rotation.roots import AckSource, RootRotation, RootStep
 from mesh_identity.rotation.schedule import RetryPolicy, Validity
 from mesh_identity.rotation.source import BundleSource, SvidSource
 
@@ -21,6 +19,7 @@ __all__ = [
     "BundleSource",
     "RetryPolicy",
     "RootRotation",
+    "RootStep",
     "RotationEngine",
     "RotationSettings",
     "RotationState",

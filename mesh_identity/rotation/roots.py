@@ -15,6 +15,7 @@ bundle (latest NotBefore; on a tie the later in the bundle, where providers appe
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import Fingerprint, TrustBundle, fingerprint_of, serial_of
 
 PHASES = ("steady", "prepared", "activated")
+
+
+class RootStep(enum.StrEnum):
+    """The steps of a root rotation, in order."""
+
+    PREPARE = "prepare"
+    ACTIVATE = "activate"
+    RETIRE = "retire"
+
+
 NEXT_COMMAND = {"steady": "prepare", "prepared": "activate", "activated": "retire"}
 _SHOWN = 5
 
@@ -245,6 +256,16 @@ class RootRotation:
             raise RotationError(f"cannot {step}: the root rotation is in phase {phase!r}, not {wanted!r}{hint}")
 
     # -- steps ---------------------------------------------------------------------------------------------
+
+    def step(self, step: RootStep) -> str:
+        """Take ``step``; RotationError when the evidence (or the phase) says it is not safe yet."""
+        match step:
+            case RootStep.PREPARE:
+                return self.prepare()
+            case RootStep.ACTIVATE:
+                return self.activate()
+            case RootStep.RETIRE:
+                return self.retire()
 
     def prepare(self) -> str:
         with self._lock:

@@ -16,17 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
-import itertools
 import json
-import os
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,30 +31,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh_identity import ports
-from mesh_identity.mesh import Address, Instance, Mesh, Service, Upstream
-from mesh_identity.mesh import Protocol as AppProtocol
+from mesh_identity.demo.apps import DemoApp, get_json
+from mesh_identity.demo.envoy import EnvoyError, EnvoyProcess
+from mesh_identity.mesh.model import Address, Instance, Mesh, Service, Upstream
+from mesh_identity.mesh.model import Protocol as AppProtocol
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import TrustBundle, X509Svid
-from xds_sds.bootstrap import BootstrapFiles, write_bootstrap
-from xds_sds.control_plane import XdsServer
-from xds_sds.demoapp import DemoApp, get_json
-from xds_sds.echoapp import EchoApp
+from tests.apps.echo import EchoApp
+from tests.waiting import wait_until
+from xds_sds.mesh.publisher import MeshPublisher
+from xds_sds.resources.bootstrap import BootstrapFiles, write_bootstrap
 
 ENVOY = Path(sys.executable).parent / "envoy"
 SERVER_PATH = "/mesh-identity/xds"
-_base_ids = itertools.count((os.getpid() % 20_000) * 100)
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy and return it; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout}s")
-        time.sleep(interval)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,82 +56,37 @@ def free_address(host: str = "127.0.0.1") -> Address:
     return Address(host, free_port(host))
 
 
-class Envoy:
-    """One Envoy process."""
+class Envoy(EnvoyProcess):
+    """One Envoy process (the product's runner), with what the tests read of its admin endpoint."""
 
     def __init__(self, bootstrap: Path, workdir: Path, *, name: str, log_level: str = "info") -> None:
-        self.bootstrap = bootstrap
-        self.name = name
-        self.workdir = workdir
-        self.base_id = next(_base_ids)
-        self.log_path = workdir / f"{name}.envoy.log"
-        self.admin_path = workdir / f"{name}.admin-address"
-        self.log_level = log_level
-        self.process: subprocess.Popen[bytes] | None = None
-        self._admin: Address | None = None
+        super().__init__(
+            ENVOY, bootstrap, workdir, name=name, log_level=log_level,
+            log_path=workdir / f"{name}.envoy.log", admin_path=workdir / f"{name}.admin-address",
+        )  # fmt: skip
 
-    def start(self, timeout: float = 60.0) -> Envoy:
+    def start(self, timeout: float = 60.0) -> Envoy:  # type: ignore[override]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.admin_path.unlink(missing_ok=True)
-        command = [
-            str(ENVOY),
-            "-c", str(self.bootstrap),
-            "--disable-hot-restart",
-            "--base-id", str(self.base_id),
-            "--admin-address-path", str(self.admin_path),
-            "--log-level", self.log_level,
-            "--log-path", str(self.log_path),
-            "--concurrency", "1",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._admin_known, f"{self.name}'s admin address", timeout)
+        super().start()
         self.wait_ready(timeout)
         return self
 
-    def _admin_known(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"envoy {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            text = self.admin_path.read_text().strip()
-        except FileNotFoundError:
-            return False
-        host, _, port = text.rpartition(":")
-        if not port.isdigit():
-            return False
-        self._admin = Address(host, int(port))
-        return True
-
     @property
-    def admin_address(self) -> Address:
-        if self._admin is None:
+    def admin_address(self) -> Address:  # type: ignore[override]
+        address = super().admin_address
+        if address is None:
             raise RuntimeError(f"envoy {self.name} has not started")
-        return self._admin
+        return address
 
     def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
-        connection = http.client.HTTPConnection(self.admin_address.host, self.admin_address.port, timeout=10)
-        try:
-            connection.request(method, path)
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
+        return self.get(path, timeout=10, method=method)
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, interrupted: Callable[[], bool] | None = None) -> None:
         """Until ``/ready`` says LIVE (initial xDS fetched and initial listeners warmed)."""
-
-        def live() -> bool:
-            self._check_running()
-            try:
-                status, text = self.admin("/ready")
-            except OSError:
-                return False
-            return status == 200 and text.strip() == "LIVE"
-
-        wait_until(live, f"{self.name} to be ready", timeout)
-
-    def _check_running(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"envoy {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            super().wait_ready(timeout, interrupted)
+        except EnvoyError as err:
+            raise AssertionError(f"{err}:\n{self.log_tail()}") from None
 
     def certs(self) -> list[dict[str, Any]]:
         """``/certs``: one entry per TLS context, with ``cert_chain`` and ``ca_cert`` details."""
@@ -159,13 +97,7 @@ class Envoy:
 
     def cert_serials(self, spiffe_id: SpiffeId | str | None = None) -> set[int]:
         """Serials (as ints) of the leaf certificates loaded, optionally only those with this URI SAN."""
-        serials = set()
-        for context in self.certs():
-            for cert in context.get("cert_chain", []):
-                uris = {san.get("uri") for san in cert.get("subject_alt_names", [])}
-                if spiffe_id is None or str(spiffe_id) in uris:
-                    serials.add(int(cert["serial_number"], 16))
-        return serials
+        return {c.serial for c in self.leaf_certs() if spiffe_id is None or str(spiffe_id) in c.uris}
 
     def ca_serials(self) -> set[int]:
         return {int(c["serial_number"], 16) for ctx in self.certs() for c in ctx.get("ca_cert", [])}
@@ -199,30 +131,11 @@ class Envoy:
                 out[item["name"]] = Address(socket_address["address"], int(socket_address["port_value"]))
         return out
 
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 15.0) -> int | None:  # type: ignore[override]
         """SIGTERM, and SIGKILL if Envoy has not exited after ``timeout``; returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        code = self.process.returncode
+        code = super().stop(timeout)
         self.process = None
         return code
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
 
     def __enter__(self) -> Envoy:
         return self.start()
@@ -266,7 +179,7 @@ class RunningMesh:
 
     mesh: Mesh
     issuer: Issuer
-    xds: XdsServer
+    xds: MeshPublisher
     workdir: Path
     delta: bool = False
     max_connection_age: timedelta | None = None
@@ -312,10 +225,10 @@ class RunningMesh:
     def stop_control_plane(self) -> None:
         self.xds.stop(None)
 
-    def start_control_plane(self) -> XdsServer:
+    def start_control_plane(self) -> MeshPublisher:
         """A new xDS server on the same address, fed what a restarted ``serve`` would know; then started."""
         server_svid = self.issuer.issue(self.xds.server_identity)
-        restarted = XdsServer(
+        restarted = MeshPublisher(
             self.mesh, server_svid, address=self.xds.address, max_connection_age=self.max_connection_age
         )
         restarted.update_bundle(self.issuer.bundle())
@@ -365,10 +278,10 @@ def start_mesh(
     """Start the xDS server (with a server SVID from ``issuer``), every app and every sidecar; stop them all after.
 
     ``max_connection_age`` is short by default so that rotated certificates are used between sidecars within
-    a second (see :func:`xds_sds.clusters.upstream`).
+    a second (see :func:`xds_sds.resources.clusters.upstream`).
     """
     server_svid = issuer.issue(SpiffeId(mesh.trust_domain, SERVER_PATH))
-    xds = XdsServer(mesh, server_svid, max_connection_age=max_connection_age)
+    xds = MeshPublisher(mesh, server_svid, max_connection_age=max_connection_age)
     xds.update_bundle(issuer.bundle())
     running = RunningMesh(mesh, issuer, xds, workdir, delta, max_connection_age)
     try:

@@ -22,7 +22,8 @@ from mesh_identity.authority import Authority
 from mesh_identity.spiffe import TrustDomain
 from mesh_identity.svid import TrustBundle, X509Svid, cert_pem, certs_pem
 from tests.e2e.conftest import AuthorityIssuer
-from tests.e2e.harness import RequestLoop, RunningMesh, loopback_mesh, start_mesh, wait_until, xfcc_hash
+from tests.e2e.harness import RequestLoop, RunningMesh, loopback_mesh, start_mesh, xfcc_hash
+from tests.waiting import wait_until
 
 SERVICES = ("frontend", "backend")
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", re.DOTALL)

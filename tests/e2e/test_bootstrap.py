@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mesh_identity.mesh import Address
+from mesh_identity.mesh.model import Address
 from mesh_identity.spiffe import SpiffeId
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer
-from tests.e2e.harness import ENVOY, RunningMesh, loopback_mesh, start_mesh, wait_until
-from xds_sds.bootstrap import renew_bootstrap, write_bootstrap
+from tests.e2e.harness import ENVOY, RunningMesh, loopback_mesh, start_mesh
+from tests.waiting import wait_until
+from xds_sds.resources.bootstrap import renew_bootstrap, write_bootstrap
 
 pytestmark = pytest.mark.e2e
 

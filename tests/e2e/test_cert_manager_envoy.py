@@ -21,8 +21,9 @@ from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.spiffe import TrustDomain
 from providers.cert_manager.provider import SPEC
 from tests.e2e.provider_pair import ProviderPair, provider_pair
-from tests.fakes.cert_manager_signer import CertManagerSigner, TestCa
-from tests.fakes.kube_server import CERTIFICATE_REQUEST, KubeServer
+from tests.fakes.cert_manager import CERTIFICATE_REQUEST, CertManagerSigner
+from tests.fakes.kube import KubeServer
+from tests.pki import TestCa
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
-from mesh_identity.mesh import Address
+from mesh_identity.demo.apps import get_json
+from mesh_identity.mesh.model import Address
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer, builtin_authority
 from tests.e2e.harness import (
     RequestLoop,
@@ -20,12 +21,11 @@ from tests.e2e.harness import (
     start_mesh,
     tls_client_context,
     tls_get,
-    wait_until,
     xfcc_hash,
 )
-from xds_sds.core import pack, socket_address
-from xds_sds.demoapp import get_json
-from xds_sds.typeurls import LISTENER
+from tests.waiting import wait_until
+from xds_sds.protocol.typeurls import LISTENER
+from xds_sds.resources.packing import pack, socket_address
 
 pytestmark = pytest.mark.e2e
 

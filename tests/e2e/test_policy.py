@@ -1,6 +1,6 @@
 """Mesh policy through real Envoy: SMI access control (HTTP and TCP) and traffic splits, changed live.
 
-Every policy reaches the sidecars through ``XdsServer.update_mesh``; the tests wait until the sidecar has
+Every policy reaches the sidecars through ``MeshPublisher.update_mesh``; the tests wait until the sidecar has
 acknowledged the served version, then check behaviour. Statistical checks use the exact binomial acceptance
 region of the configured weight (see :func:`binomial_band`).
 """
@@ -20,18 +20,19 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import Address, Mesh, load_mesh, parse_mesh
-from mesh_identity.policy import Backend, HttpMatch, HttpRule, Policy, TrafficSplit, TrafficTarget
+from mesh_identity.mesh.model import Address, Mesh, load_mesh, parse_mesh
+from mesh_identity.mesh.policy import Backend, HttpMatch, HttpRule, Policy, TrafficSplit, TrafficTarget
 from mesh_identity.spiffe import SpiffeId, TrustDomain
+from tests.apps.echo import echo
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer
-from tests.e2e.harness import RunningMesh, free_address, start_mesh, wait_until
+from tests.e2e.harness import RunningMesh, free_address, start_mesh
 from tests.policy.test_policy_regex import ACCEPTED, UNSUPPORTED_FEATURES
-from xds_sds.cache import Resource
-from xds_sds.core import pack
-from xds_sds.echoapp import echo
-from xds_sds.rbac import HTTP_RBAC, http_permission
-from xds_sds.routes import to_cluster
-from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.waiting import wait_until
+from xds_sds.protocol.cache import Resource
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds_sds.resources.packing import pack
+from xds_sds.resources.rbac import HTTP_RBAC, http_permission
+from xds_sds.resources.routes import to_cluster
 
 pytestmark = pytest.mark.e2e
 

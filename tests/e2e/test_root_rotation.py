@@ -1,6 +1,6 @@
 """Root rotation end to end through real Envoy: prepare, activate, retire; traffic never fails.
 
-Each step is gated on evidence from the sidecars' ACKs (``XdsServer.nodes_trusting`` / ``nodes_serving``),
+Each step is gated on evidence from the sidecars' ACKs (``MeshPublisher.nodes_trusting`` / ``nodes_serving``),
 the way the rotation engine gates it.
 """
 
@@ -13,8 +13,9 @@ import pytest
 
 from mesh_identity.svid import fingerprint_of
 from tests.e2e.conftest import TRUST_DOMAIN, AuthorityIssuer
-from tests.e2e.harness import RequestLoop, RunningMesh, loopback_mesh, start_mesh, wait_until, xfcc_hash
-from xds_sds.bootstrap import renew_bootstrap, renew_bootstrap_bundle
+from tests.e2e.harness import RequestLoop, RunningMesh, loopback_mesh, start_mesh, xfcc_hash
+from tests.waiting import wait_until
+from xds_sds.resources.bootstrap import renew_bootstrap, renew_bootstrap_bundle
 
 pytestmark = pytest.mark.e2e
 

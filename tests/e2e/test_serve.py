@@ -21,12 +21,13 @@ import yaml
 from cryptography import x509
 
 from mesh_identity.cli.main import main
-from mesh_identity.mesh import Address
-from mesh_identity.rotation.service import ADMIN_ADDR, ADMIN_TOKEN
+from mesh_identity.demo.apps import DemoApp, get_json
+from mesh_identity.mesh.model import Address
+from mesh_identity.server.service import ADMIN_ADDR, ADMIN_TOKEN
 from mesh_identity.svid import load_certs_pem
-from tests.e2e.harness import Envoy, free_address, free_port, wait_until
-from xds_sds.demoapp import DemoApp, get_json
-from xds_sds.runtime import XDS_ADDR
+from tests.e2e.harness import Envoy, free_address, free_port
+from tests.waiting import wait_until
+from xds_sds.mesh.component import XDS_ADDR
 
 pytestmark = pytest.mark.e2e
 
@@ -240,7 +241,7 @@ def test_serve_delivers_the_mesh_file_reloads_it_on_sighup_and_stops_on_sigterm(
         served.write_mesh(bad)
         served.proc.send_signal(signal.SIGHUP)
         message = (
-            f"ERROR mesh_identity.cli.mesh: reloading {served.directory / 'mesh.yaml'} failed, keeping the last "
+            f"ERROR mesh_identity.registry.meshfile: reloading {served.directory / 'mesh.yaml'} failed, keeping the last "
             "good mesh: services.frontend.upstreams[0].service: 'billing' is not a service of this mesh"
         )
         wait_until(lambda: message in served.err(), "the reload error in the log")
@@ -253,7 +254,7 @@ def test_serve_delivers_the_mesh_file_reloads_it_on_sighup_and_stops_on_sigterm(
         served.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "outbound|ratings" in frontend.listeners(), "frontend's new listener")
         assert (
-            f"INFO mesh_identity.cli.mesh: reloaded {served.directory / 'mesh.yaml'}: 3 services, 3 sidecars"
+            f"INFO mesh_identity.registry.meshfile: reloaded {served.directory / 'mesh.yaml'}: 3 services, 3 sidecars"
             in served.err()
         )
         served.sidecar(capsys, "ratings")

@@ -14,7 +14,7 @@ from cryptography import x509
 from mesh_identity.authority import Authority, AuthoritySettings
 from mesh_identity.provider import Mode
 from tests.e2e.provider_pair import ProviderPair, provider_pair
-from tests.fakes.vault_server import VaultServer
+from tests.fakes.vault import VaultServer
 from tests.providers.vault.targets import TRUST_DOMAIN, VaultTarget, set_up
 
 pytestmark = pytest.mark.e2e

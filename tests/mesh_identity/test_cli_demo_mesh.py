@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mesh_identity.cli.demo_mesh import Route, check_ports_free, demo_config, routes, with_free_ports
 from mesh_identity.clock import utcnow
 from mesh_identity.config import parse_config
+from mesh_identity.demo.mesh import Route, check_ports_free, demo_config, routes, with_free_ports
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import parse_mesh
+from mesh_identity.mesh.model import parse_mesh
 from mesh_identity.spiffe import TrustDomain
 from mesh_identity.ttlcheck import TtlChain, check_ttl_chain
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from mesh_identity.cli.demo_mesh import Route
-from mesh_identity.cli.demo_view import Frame, Rotation, RotationLog, RouteStats, SidecarRow, Traffic, render, verdict
-from mesh_identity.mesh import Address, parse_mesh
+from mesh_identity.demo.mesh import Route
+from mesh_identity.demo.view import Frame, Rotation, RotationLog, RouteStats, SidecarRow, Traffic, render, verdict
+from mesh_identity.mesh.model import Address, parse_mesh
 from mesh_identity.spiffe import TrustDomain
 
 TD = TrustDomain("demo.mesh")

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_identity.rotation.service import Service
+from mesh_identity.assembly import build_service
 from tests.rotation.helpers import ids, make_config, provider_for
 
 ALERTS = Path(__file__).resolve().parents[2] / "examples" / "alerts.yaml"
@@ -36,7 +36,7 @@ def test_rules_are_complete():
 
 def test_every_metric_an_alert_names_is_exported(tmp_path):
     config = make_config(tmp_path, identities=ids("web"))
-    service = Service(config, provider_for(config))
+    service = build_service(config, provider_for(config))
     service.start(paused=True)
     try:
         service.engine.rotate(ids("web")[0])  # so counters have samples

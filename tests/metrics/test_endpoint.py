@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from mesh_identity.rotation.service import ADMIN_ADDR, ADMIN_TOKEN, DEFAULT_LISTEN, Service
+from mesh_identity.assembly import build_service
+from mesh_identity.server.service import ADMIN_ADDR, ADMIN_TOKEN, DEFAULT_LISTEN
 from tests.rotation.helpers import FakeClock, Recorder, ids, make_config, provider_for
 
 TEAM = ids("web", "api")
@@ -35,7 +36,7 @@ def clock():
 @pytest.fixture
 def service(tmp_path, clock):
     config = make_config(tmp_path, identities=TEAM)
-    service = Service(config, provider_for(config, clock=clock), events=Recorder(), clock=clock)
+    service = build_service(config, provider_for(config, clock=clock), events=Recorder(), clock=clock)
     service.start(paused=True)
     yield service
     service.stop()
@@ -142,7 +143,7 @@ def test_a_new_token_on_every_start(tmp_path):
     config = make_config(tmp_path, identities=TEAM)
     tokens = []
     for _ in range(2):
-        service = Service(config, provider_for(config))
+        service = build_service(config, provider_for(config))
         service.start(paused=True)
         tokens.append((config.state_dir / ADMIN_TOKEN).read_text())
         service.stop()
@@ -153,5 +154,5 @@ def test_the_default_listener_is_loopback(tmp_path):
     from mesh_identity.config import parse_config
 
     config = parse_config({"trust_domain": "example.org", "state_dir": "state"}, tmp_path)
-    assert Service(config, provider_for(config)).listen == DEFAULT_LISTEN
+    assert build_service(config, provider_for(config)).listen == DEFAULT_LISTEN
     assert DEFAULT_LISTEN.host == "127.0.0.1"

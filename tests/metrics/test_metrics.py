@@ -8,10 +8,11 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh_identity.assembly import build_service
 from mesh_identity.clock import utcnow
 from mesh_identity.events import CertificateRotated, CertKind, RotationFailed, Severity
-from mesh_identity.metrics import Metrics
-from mesh_identity.rotation.service import Service
+from mesh_identity.server.metrics import Metrics
+from mesh_identity.server.service import Service
 from tests.rotation.helpers import FlakyPlugin, Recorder, ids, make_config, provider_for
 
 TEAM = ids("web", "api")
@@ -38,7 +39,7 @@ FAMILIES = {
 def service(tmp_path):
     config = make_config(tmp_path, identities=TEAM)
     recorder = Recorder()
-    service = Service(config, provider_for(config), events=recorder)
+    service = build_service(config, provider_for(config), events=recorder)
     service.start()
     yield service
     service.stop()
@@ -107,7 +108,7 @@ def test_rotations_and_phases_are_counted(service):
 def test_failures_show_per_identity_and_as_a_counter(tmp_path):
     plugin = FlakyPlugin()
     config = make_config(tmp_path, identities=TEAM, provider="flaky", mode="per-workload")
-    service = Service(config, provider_for(config, plugin), events=Recorder())
+    service = build_service(config, provider_for(config, plugin), events=Recorder())
     service.start(paused=True)
     try:
         plugin.switch.refusing = True

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import Mesh, check_mesh, load_mesh, parse_mesh
-from mesh_identity.policy import (
+from mesh_identity.mesh.model import Mesh, check_mesh, load_mesh, parse_mesh
+from mesh_identity.mesh.policy import (
     Backend,
     HttpMatch,
     HttpRule,

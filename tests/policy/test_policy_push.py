@@ -1,4 +1,4 @@
-"""Policy changes through ``XdsServer.update_mesh`` (no Envoy): checked first, pushed only where they matter."""
+"""Policy changes through ``MeshPublisher.update_mesh`` (no Envoy): checked first, pushed only where they matter."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import yaml
 
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import Mesh, parse_mesh
-from mesh_identity.policy import Backend, Policy, TrafficSplit
+from mesh_identity.mesh.model import Mesh, parse_mesh
+from mesh_identity.mesh.policy import Backend, Policy, TrafficSplit
+from tests.pki import TestCa
 from tests.policy.test_policy_model import MESH
-from tests.xds_sds.pki import TestCa
-from xds_sds.control_plane import XdsServer
-from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from xds_sds.mesh.publisher import MeshPublisher
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
-CA = TestCa("example.org")
+CA = TestCa.for_trust_domain("example.org")
 TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
 
 
@@ -28,7 +28,7 @@ def mesh_of(data: dict[str, Any]) -> Mesh:
     return parse_mesh(data, CA.trust_domain)
 
 
-def versions(xds: XdsServer) -> dict[str, dict[str, str]]:
+def versions(xds: MeshPublisher) -> dict[str, dict[str, str]]:
     return {node: {t: xds.cache.get(node, t).version for t in TYPES} for node in xds.cache.nodes()}
 
 
@@ -41,11 +41,11 @@ def changed_types(before: dict[str, dict[str, str]], after: dict[str, dict[str, 
 
 
 @pytest.fixture
-def xds() -> XdsServer:
-    return XdsServer(mesh_of(document()), CA.server_svid())
+def xds() -> MeshPublisher:
+    return MeshPublisher(mesh_of(document()), CA.server_svid())
 
 
-def test_a_bad_policy_changes_nothing_on_any_sidecar(xds: XdsServer) -> None:
+def test_a_bad_policy_changes_nothing_on_any_sidecar(xds: MeshPublisher) -> None:
     good, before = xds.mesh, versions(xds)
     bad = Mesh(
         good.trust_domain,
@@ -59,7 +59,7 @@ def test_a_bad_policy_changes_nothing_on_any_sidecar(xds: XdsServer) -> None:
     assert xds.mesh is good
 
 
-def test_a_new_source_reaches_only_the_destinations_sidecars(xds: XdsServer) -> None:
+def test_a_new_source_reaches_only_the_destinations_sidecars(xds: MeshPublisher) -> None:
     before = versions(xds)
     data = document()
     data["policies"][2]["spec"]["sources"].append({"kind": "ServiceAccount", "name": "ledger"})
@@ -70,7 +70,7 @@ def test_a_new_source_reaches_only_the_destinations_sidecars(xds: XdsServer) -> 
     }
 
 
-def test_a_tcp_policy_change_replaces_the_listener(xds: XdsServer) -> None:
+def test_a_tcp_policy_change_replaces_the_listener(xds: MeshPublisher) -> None:
     before = versions(xds)
     data = document()
     data["policies"][3]["spec"]["sources"] = [{"kind": "ServiceAccount", "name": "backend"}]
@@ -78,7 +78,7 @@ def test_a_tcp_policy_change_replaces_the_listener(xds: XdsServer) -> None:
     assert changed_types(before, versions(xds)) == {"ledger-1": {"Listener"}}
 
 
-def test_a_weight_change_reaches_only_the_callers_route(xds: XdsServer) -> None:
+def test_a_weight_change_reaches_only_the_callers_route(xds: MeshPublisher) -> None:
     before = versions(xds)
     data = document()
     data["policies"][4]["spec"]["backends"] = [
@@ -90,7 +90,7 @@ def test_a_weight_change_reaches_only_the_callers_route(xds: XdsServer) -> None:
     assert xds.update_mesh(mesh_of(data)) == ()  # the same again: nothing to do
 
 
-def test_incremental_updates_end_where_a_fresh_server_starts(xds: XdsServer) -> None:
+def test_incremental_updates_end_where_a_fresh_server_starts(xds: MeshPublisher) -> None:
     """Skipping sidecars whose view did not change loses nothing: after a series of changes every sidecar
     holds exactly what a server started on the last mesh holds."""
     steps = []
@@ -110,7 +110,7 @@ def test_incremental_updates_end_where_a_fresh_server_starts(xds: XdsServer) -> 
     steps.append(data)
     for data in steps:
         xds.update_mesh(mesh_of(data))
-        fresh = XdsServer(mesh_of(data), CA.server_svid())
+        fresh = MeshPublisher(mesh_of(data), CA.server_svid())
         for node in fresh.cache.nodes():
             for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
                 assert xds.cache.get(node, type_url) == fresh.cache.get(node, type_url), (node, type_url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh_identity.regex import regex_problem
+from mesh_identity.mesh.regex import regex_problem
 
 UNSUPPORTED = "which Envoy's RE2 does not support"
 

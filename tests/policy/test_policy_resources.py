@@ -18,10 +18,10 @@ from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from mesh_identity.mesh import Mesh, parse_mesh
+from mesh_identity.mesh.model import Mesh, parse_mesh
 from tests.policy.test_policy_model import MESH, TD
-from xds_sds.proxy import proxy_resources
-from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds_sds.resources.proxy import proxy_resources
 
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
 M = TypeVar("M", bound=Message)

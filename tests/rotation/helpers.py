@@ -3,16 +3,17 @@ switch, registered through a real plugin object), event waiting, and chain check
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from mesh_identity.assembly import build_authority, build_provider
 from mesh_identity.authority import Authority, AuthoritySettings
 from mesh_identity.clock import utcnow
 from mesh_identity.config import Config, parse_config
@@ -31,7 +32,6 @@ from mesh_identity.provider import (
     SignedCertificate,
 )
 from mesh_identity.rotation.engine import RotationEngine, RotationSettings
-from mesh_identity.runtime import build_provider
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import TrustBundle, X509Svid
 from mesh_identity.verify import chain_problem
@@ -201,15 +201,6 @@ class Recorder:
             return list(self.events)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` (a deadline against hanging, not a speed test)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout}s")
-        time.sleep(0.02)
-
-
 def verify_problem(svid: X509Svid, bundle: TrustBundle, now: datetime | None = None) -> str | None:
     return chain_problem(svid.leaf, svid.chain, bundle, now)
 
@@ -231,3 +222,17 @@ def engine_over(
     engine = RotationEngine(authority, RotationSettings(0.5, 0.1), events=recorder, rng=random.Random(seed))
     engine.start(paused=paused)
     return engine, recorder
+
+
+@contextlib.contextmanager
+def paused_engine(tmp_path: Path) -> Iterator[RotationEngine]:
+    """A started, paused rotation engine over the built-in CA of a config in ``tmp_path`` (the test rotates)."""
+    config = make_config(tmp_path)
+    authority = build_authority(config, provider_for(config))
+    authority.start()
+    engine = RotationEngine(authority)
+    engine.start(paused=True)
+    try:
+        yield engine
+    finally:
+        engine.stop()

@@ -10,12 +10,12 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from mesh_identity.assembly import build_authority
 from mesh_identity.errors import IssuanceError
 from mesh_identity.events import CertificateRotated, CertKind, RotationFailed, Severity
 from mesh_identity.rotation.engine import HEALTH_JOB, INTERMEDIATE_JOB, RotationEngine, RotationSettings
 from mesh_identity.rotation.roots import root_of
 from mesh_identity.rotation.schedule import RetryPolicy, Validity, due_bounds
-from mesh_identity.runtime import build_authority
 from tests.rotation.helpers import FakeClock, FlakyPlugin, Recorder, ids, make_config, provider_for, verify_problem
 
 WEB, API = ids("web", "api")

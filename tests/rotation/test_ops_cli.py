@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from mesh_identity.cli.main import main
-from mesh_identity.rotation.service import ADMIN_ADDR, ADMIN_TOKEN
-from tests.rotation.helpers import ids, wait_until
+from mesh_identity.server.service import ADMIN_ADDR, ADMIN_TOKEN
+from tests.rotation.helpers import ids
+from tests.waiting import wait_until
 
 TEAM = ids("web", "api")
 
@@ -52,7 +53,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
         env={**os.environ, "MESH_IDENTITY_CONFIG": ""},
     )
     try:
-        wait_until(lambda: (tmp_path / "state" / ADMIN_ADDR).exists() or proc.poll() is not None, what="serve")
+        wait_until(lambda: (tmp_path / "state" / ADMIN_ADDR).exists() or proc.poll() is not None, "serve", timeout=60)
         assert proc.poll() is None, proc.communicate()
         yield config, proc
     finally:

@@ -13,12 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh_identity.assembly import build_service
 from mesh_identity.clock import utcnow
 from mesh_identity.events import CertificateRotated, CertKind, RotationFailed, Severity
 from mesh_identity.rotation.roots import root_of
-from mesh_identity.rotation.service import Service
+from mesh_identity.server.service import Service
 from mesh_identity.svid import X509Svid
-from tests.rotation.helpers import FlakyPlugin, Recorder, ids, make_config, provider_for, verify_problem, wait_until
+from tests.rotation.helpers import FlakyPlugin, Recorder, ids, make_config, provider_for, verify_problem
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ def make_service(tmp_path):
     def make(identities, *, plugin=None, **ca):
         config = make_config(tmp_path, identities=identities, provider="flaky" if plugin else "builtin", **ca)
         recorder = Recorder()
-        service = Service(config, provider_for(config, plugin), events=recorder)
+        service = build_service(config, provider_for(config, plugin), events=recorder)
         services.append(service)
         service.start()
         return service, recorder
@@ -79,7 +81,7 @@ def key(svid: X509Svid) -> bytes:
 def test_certificates_are_replaced_with_new_keys_before_they_expire(make_service):
     service, recorder = make_service(ids("web", "api", "db"), workload_ttl="4s", intermediate_ttl="1h")
     watch = Watch(service)
-    wait_until(lambda: watch.count() >= 4, what="three rotations of every identity")
+    wait_until(lambda: watch.count() >= 4, "three rotations of every identity", timeout=60)
     assert watch.problems == []
     for history in watch.seen.values():
         assert len({svid.serial for svid in history}) == len(history)
@@ -98,7 +100,7 @@ def test_the_intermediate_rotates_and_workloads_follow_it(make_service):
     def intermediates() -> list[CertificateRotated]:
         return [e for e in recorder.of(CertificateRotated) if e.kind is CertKind.INTERMEDIATE]
 
-    wait_until(lambda: len(intermediates()) >= 2, what="two intermediate rotations")
+    wait_until(lambda: len(intermediates()) >= 2, "two intermediate rotations", timeout=60)
     current = service.authority.signing_ca
     assert current is not None
     serials = [first.serial, *(e.new_serial for e in intermediates())]
@@ -106,7 +108,8 @@ def test_the_intermediate_rotates_and_workloads_follow_it(make_service):
     # each workload moves to the current intermediate at its own next renewal
     wait_until(
         lambda: all(h[-1].chain[0] == current.certificate for h in watch.seen.values()),
-        what="workloads on the new intermediate",
+        "workloads on the new intermediate",
+        timeout=60,
     )
     root = service.engine.bundles.bundle().authorities[0]
     chained_roots = {root_of(h.chain[0], [root]) for history in watch.seen.values() for h in history}
@@ -129,7 +132,7 @@ def test_a_provider_that_refuses_then_recovers(make_service):
     web = ids("web")[0]
     service, recorder = make_service([web], plugin=plugin, mode="per-workload", workload_ttl="6s", jitter=0.0)
     source = service.engine.source(web)
-    wait_until(lambda: len(recorder.of(CertificateRotated)) >= 1, what="a first renewal")
+    wait_until(lambda: len(recorder.of(CertificateRotated)) >= 1, "a first renewal", timeout=60)
     plugin.switch.refusing = True
     refused_from = len(recorder.of(RotationFailed))
     served = source.svid()
@@ -153,7 +156,7 @@ def test_a_provider_that_refuses_then_recovers(make_service):
     recorder.wait_for(lambda events: any(isinstance(e, RotationFailed) and e.severity is Severity.ERROR for e in events))
     assert source.svid() is served
     plugin.switch.refusing = False
-    wait_until(lambda: source.svid() is not served, what="rotation after recovery")
+    wait_until(lambda: source.svid() is not served, "rotation after recovery", timeout=60)
     recovered = source.svid()
     assert recovered.serial != served.serial and key(recovered) != key(served)
     state = service.engine.state(web)

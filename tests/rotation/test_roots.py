@@ -10,11 +10,12 @@ from collections.abc import Sequence
 
 import pytest
 
+from mesh_identity.assembly import build_service
 from mesh_identity.clock import utcnow
 from mesh_identity.errors import RotationError
 from mesh_identity.events import CaRotated, CertKind
 from mesh_identity.rotation.roots import root_of
-from mesh_identity.rotation.service import ADMIN_TOKEN, Service
+from mesh_identity.server.service import ADMIN_TOKEN, Service
 from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, serial_of
 from tests.rotation.helpers import FlakyPlugin, Recorder, ids, make_config, provider_for, verify_problem
 
@@ -79,7 +80,7 @@ def make_service(tmp_path):
 
     def make(*, plugin=None, recorder=None, **ca):
         config = make_config(tmp_path, identities=TEAM, provider="flaky" if plugin else "builtin", **ca)
-        service = Service(config, provider_for(config, plugin), events=recorder or Recorder())
+        service = build_service(config, provider_for(config, plugin), events=recorder or Recorder())
         service.start()
         running.append(service)
         return service

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mesh_identity.rotation.service import Service
+from mesh_identity.assembly import build_service
+from mesh_identity.server.service import Service
 from tests.rotation.helpers import ids, make_config, provider_for
 
 TEAM = ids("web", "api")
@@ -29,7 +30,7 @@ class Part:
 
 def test_components_start_after_the_engine_and_stop_before_it(tmp_path, caplog):
     config = make_config(tmp_path, identities=TEAM)
-    service = Service(config, provider_for(config))
+    service = build_service(config, provider_for(config))
     log: list[str] = []
     service.add_component(Part("xds", service, log, fail_stop=True))
     service.add_component(Part("other", service, log))
@@ -43,7 +44,7 @@ def test_components_start_after_the_engine_and_stop_before_it(tmp_path, caplog):
 
 def test_identities_can_be_given_instead_of_the_config_list(tmp_path):
     config = make_config(tmp_path, identities=TEAM)
-    with Service(config, provider_for(config), identities=TEAM[:1]) as service:
+    with build_service(config, provider_for(config), identities=TEAM[:1]) as service:
         assert service.engine.identities() == TEAM[:1]
 
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mesh_identity.assembly import build_service
 from mesh_identity.errors import ConfigError
 from mesh_identity.provider import Limits, Mode
-from mesh_identity.rotation.service import Service
 from mesh_identity.ttlcheck import TtlChain, check_ttl_chain
 from tests.rotation.helpers import FlakyPlugin, ids, make_config, provider_for
 
@@ -152,7 +152,7 @@ def test_the_service_refuses_to_start_on_an_unsound_chain(tmp_path):
         intermediate_ttl="24h",
         provider_options={"max_intermediate_ttl": "30m"},
     )
-    service = Service(config, provider_for(config, FlakyPlugin()))
+    service = build_service(config, provider_for(config, FlakyPlugin()))
     with pytest.raises(ConfigError) as raised:
         service.start()
     assert str(raised.value) == (

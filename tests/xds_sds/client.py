@@ -20,7 +20,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
 
 from mesh_identity.svid import X509Svid
-from tests.xds_sds.pki import SERVER_NAME
+from tests.pki import SERVER_NAME
 
 _CLOSE = object()
 _END = object()

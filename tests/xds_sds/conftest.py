@@ -13,15 +13,15 @@ from google.protobuf import duration_pb2
 
 from mesh_identity.events import ListSink
 from mesh_identity.svid import X509Svid
+from tests.pki import TestCa
 from tests.xds_sds.client import Client, connect
-from tests.xds_sds.pki import TestCa
-from xds_sds.acks import AckTracker
-from xds_sds.auth import BindingAuthorizer, bundle_secret_name, tls_secret_name
-from xds_sds.cache import SnapshotCache
-from xds_sds.credentials import ServerTls
-from xds_sds.secrets import tls_certificate_secret, validation_context_secret
-from xds_sds.server import DiscoveryServer
-from xds_sds.typeurls import CLUSTER, SECRET
+from xds_sds.protocol.acks import AckTracker
+from xds_sds.protocol.auth import BindingAuthorizer, bundle_secret_name, tls_secret_name
+from xds_sds.protocol.cache import SnapshotCache
+from xds_sds.protocol.credentials import ServerTls
+from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.typeurls import CLUSTER, SECRET
+from xds_sds.resources.secrets import tls_certificate_secret, validation_context_secret
 
 A_PATH = "/ns/default/sa/a"
 B_PATH = "/ns/default/sa/b"
@@ -33,13 +33,13 @@ def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:
 
 @pytest.fixture(scope="session")
 def ca() -> TestCa:
-    return TestCa("example.org")
+    return TestCa.for_trust_domain("example.org")
 
 
 @pytest.fixture(scope="session")
 def foreign_ca() -> TestCa:
     """Another root for the same trust domain name: the server must not trust what it signs."""
-    return TestCa("example.org", name="foreign root")
+    return TestCa.for_trust_domain("example.org", name="foreign root")
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +96,7 @@ def connect_as(server: DiscoveryServer, ca: TestCa) -> Iterator[Callable[[X509Sv
     clients: list[Client] = []
 
     def make(svid: X509Svid | None) -> Client:
-        client = connect(server.target, ca.pem, svid)
+        client = connect(server.target, ca.pem(), svid)
         clients.append(client)
         return client
 

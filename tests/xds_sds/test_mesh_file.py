@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import Address, Protocol, load_mesh, parse_mesh
+from mesh_identity.mesh.model import Address, Protocol, load_mesh, parse_mesh
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")

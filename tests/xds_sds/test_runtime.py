@@ -1,4 +1,5 @@
-"""``MeshXds``: the xDS server fed by a real rotation engine (built-in CA), its bootstrap renewals and mesh changes.
+"""``XdsComponent``: the xDS server fed by a registry and a real rotation engine (built-in CA), its bootstrap
+renewals and mesh changes (the registry's membership decides which identities the engine keeps).
 
 No Envoy here: what the sidecars would receive is read from the server's snapshot cache and the bootstrap files.
 """
@@ -14,16 +15,17 @@ import pytest
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from mesh_identity.errors import ConfigError
-from mesh_identity.mesh import Address, Instance, Mesh, Service, Upstream
-from mesh_identity.mesh import Protocol as AppProtocol
+from mesh_identity.mesh.model import Address, Instance, Mesh, Service, Upstream
+from mesh_identity.mesh.model import Protocol as AppProtocol
+from mesh_identity.registry.base import StaticRegistry
 from mesh_identity.rotation.engine import RotationEngine
-from mesh_identity.runtime import build_authority
+from mesh_identity.rotation.membership import Membership
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import load_certs_pem
-from tests.rotation.helpers import make_config, provider_for
-from xds_sds.runtime import XDS_ADDR, MeshXds, server_identity
-from xds_sds.sidecars import SidecarDirs
-from xds_sds.typeurls import SECRET
+from tests.rotation.helpers import paused_engine
+from xds_sds.mesh.component import XDS_ADDR, XdsComponent, server_identity
+from xds_sds.mesh.sidecars import SidecarDirs
+from xds_sds.protocol.typeurls import SECRET
 
 
 def service(name: str, port: int, upstreams: tuple[Upstream, ...] = ()) -> Service:
@@ -45,33 +47,29 @@ def mesh(*services: Service) -> Mesh:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[RotationEngine]:
-    config = make_config(tmp_path)
-    authority = build_authority(config, provider_for(config))
-    authority.start()
-    engine = RotationEngine(authority)
-    engine.start(paused=True)
-    try:
+    with paused_engine(tmp_path) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 @pytest.fixture
-def xds(engine: RotationEngine, tmp_path: Path) -> Iterator[MeshXds]:
+def xds(engine: RotationEngine, tmp_path: Path) -> Iterator[XdsComponent]:
     first = mesh(FRONTEND, BACKEND)
-    engine.add_all([server_identity(first.trust_domain), CONFIG_ONLY, *(s.identity for s in first.services.values())])
-    component = MeshXds(
-        engine, first, address=Address("127.0.0.1", 0), sidecars=SidecarDirs(tmp_path / "state"),
-        keep=[CONFIG_ONLY], addr_file=tmp_path / XDS_ADDR,
+    registry = StaticRegistry(first)
+    membership = Membership(engine, registry, keep=[server_identity(first.trust_domain), CONFIG_ONLY])
+    membership.start()
+    component = XdsComponent(
+        engine, registry, address=Address("127.0.0.1", 0), sidecars=SidecarDirs(tmp_path / "state"),
+        addr_file=tmp_path / XDS_ADDR,
     )  # fmt: skip
     component.start()
     try:
         yield component
     finally:
         component.stop()
+        membership.stop()
 
 
-def served_serial(component: MeshXds, node: str, identity: SpiffeId) -> int:
+def served_serial(component: XdsComponent, node: str, identity: SpiffeId) -> int:
     assert component.xds is not None
     resource = component.xds.cache.get(node, SECRET).resources[str(identity)]
     secret = secret_pb2.Secret()
@@ -86,7 +84,7 @@ def bootstrap_serial(directory: Path) -> int:
     ].serial_number
 
 
-def test_a_rotation_reaches_the_sidecars_secret_and_its_registered_bootstrap(xds: MeshXds, engine, tmp_path) -> None:
+def test_a_rotation_reaches_the_sidecars_secret_and_its_registered_bootstrap(xds: XdsComponent, engine, tmp_path) -> None:
     assert (tmp_path / XDS_ADDR).read_text() == f"127.0.0.1:{xds.xds.port}\n"  # type: ignore[union-attr]
     assert xds.sidecars is not None
     first = engine.source(BACKEND.identity).svid()
@@ -108,9 +106,9 @@ def test_a_rotation_reaches_the_sidecars_secret_and_its_registered_bootstrap(xds
     assert bootstrap_serial(files.directory) == renewed.leaf.serial_number
 
 
-def test_a_mesh_change_adds_and_removes_identities_and_a_bad_one_changes_nothing(xds: MeshXds, engine) -> None:
+def test_a_mesh_change_adds_and_removes_identities_and_a_bad_one_changes_nothing(xds: XdsComponent, engine) -> None:
     calls_ratings = service("frontend", 20010, (Upstream("ratings", Address("127.0.0.1", 20012)),))
-    xds.set_mesh(mesh(calls_ratings, RATINGS))
+    xds.registry.replace(mesh(calls_ratings, RATINGS))  # type: ignore[attr-defined]
     managed = set(engine.identities())
     assert RATINGS.identity in managed and BACKEND.identity not in managed
     assert {CONFIG_ONLY, server_identity(xds.mesh.trust_domain)} <= managed  # kept whatever the mesh says
@@ -120,13 +118,13 @@ def test_a_mesh_change_adds_and_removes_identities_and_a_bad_one_changes_nothing
 
     broken = service("frontend", 20010, (Upstream("billing", Address("127.0.0.1", 20012)),))
     with pytest.raises(ConfigError) as err:
-        xds.set_mesh(mesh(broken, BACKEND))
+        xds.registry.replace(mesh(broken, BACKEND))  # type: ignore[attr-defined]
     assert str(err.value) == "services.frontend.upstreams[0].service: 'billing' is not a service of this mesh"
     assert set(engine.identities()) == managed
     assert xds.mesh.services.keys() == {"frontend", "ratings"}
 
 
-def test_stop_removes_the_address_file(xds: MeshXds, tmp_path) -> None:
+def test_stop_removes_the_address_file(xds: XdsComponent, tmp_path) -> None:
     xds.stop()
     assert not (tmp_path / XDS_ADDR).exists()
     assert xds.proxies_missing_bundle(frozenset({"x"})) == ()

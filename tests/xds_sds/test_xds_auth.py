@@ -14,15 +14,15 @@ from cryptography import x509
 from mesh_identity.events import AccessDenied, ListSink
 from mesh_identity.keys import private_key_pem
 from mesh_identity.svid import X509Svid, cert_pem
+from tests.pki import TestCa
+from tests.waiting import wait_until
 from tests.xds_sds.client import Client, connect_pem, delta, names_of, sotw
 from tests.xds_sds.conftest import cluster
-from tests.xds_sds.pki import TestCa
-from tests.xds_sds.waiting import wait_until
-from xds_sds.auth import bundle_secret_name, tls_secret_name
-from xds_sds.cache import SnapshotCache
-from xds_sds.secrets import tls_certificate_secret
-from xds_sds.server import DiscoveryServer
-from xds_sds.typeurls import CLUSTER, SECRET
+from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
+from xds_sds.protocol.cache import SnapshotCache
+from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.typeurls import CLUSTER, SECRET
+from xds_sds.resources.secrets import tls_certificate_secret
 
 A = "spiffe://example.org/ns/default/sa/a"
 B = "spiffe://example.org/ns/default/sa/b"
@@ -57,7 +57,7 @@ def test_asking_only_for_b_secret_gets_nothing_on_every_variant(
     stream = getattr(client_a, variant)()
     is_delta = variant.endswith("delta")
     stream.send(delta(SECRET, [B]) if is_delta else sotw(SECRET, [B]))
-    wait_until(lambda: len(audit.events) == 1, "the refusal to be audited")
+    wait_until(lambda: len(audit.events) == 1, "the refusal to be audited", timeout=10)
     assert denied(audit) == [(A, f"Secret {B}", f"secret '{B}' is not the certificate of {A}")]
     # the first response the stream ever gets is the one for A's own secret, asked for next
     response = stream.exchange(delta(SECRET, [A]) if is_delta else sotw(SECRET, [B, A]))
@@ -113,7 +113,7 @@ def test_no_client_certificate_cannot_open_a_stream(
 def test_a_certificate_from_a_foreign_ca_cannot_open_a_stream(
     server: DiscoveryServer, ca: TestCa, foreign_ca: TestCa
 ) -> None:
-    client = connect_pem(server.target, ca.pem, *_pems(foreign_ca.svid("/ns/default/sa/a")))
+    client = connect_pem(server.target, ca.pem(), *_pems(foreign_ca.svid("/ns/default/sa/a")))
     stream = client.ads()
     stream.send(sotw(CLUSTER))
     code, _ = stream.status()
@@ -145,7 +145,7 @@ def test_a_certificate_of_our_ca_without_one_spiffe_id_is_unauthenticated(
     server: DiscoveryServer, ca: TestCa, uris: list[str] | None, message: str
 ) -> None:
     cert, key = ca.leaf([], None) if uris is None else ca.leaf(uris, dns=["client.test"])
-    client = connect_pem(server.target, ca.pem, cert_pem(cert), private_key_pem(key))
+    client = connect_pem(server.target, ca.pem(), cert_pem(cert), private_key_pem(key))
     stream = client.ads()
     stream.send(sotw(CLUSTER))
     assert stream.status() == (grpc.StatusCode.UNAUTHENTICATED, message)
@@ -161,7 +161,7 @@ def _server_certificate(port: int, ca: TestCa, client: X509Svid, tmp_path: Path)
     chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
     chain.write_bytes(client.cert_chain_pem())
     key.write_bytes(client.key_pem())
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca.pem.decode())
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca.pem().decode())
     context.check_hostname = False
     context.load_cert_chain(chain, key)
     context.set_alpn_protocols(["h2"])
@@ -194,8 +194,8 @@ def test_server_certificate_rotates_without_restart_and_open_streams_go_on(
 def test_new_client_roots_apply_to_new_connections(server: DiscoveryServer, ca: TestCa, foreign_ca: TestCa) -> None:
     """Root rotation on the server side: trust a second root, and a client it signed gets in."""
     newcomer = foreign_ca.svid("/ns/default/sa/a")
-    server.tls.update_roots(ca.pem + foreign_ca.pem)
-    client = connect_pem(server.target, ca.pem, *_pems(newcomer))
+    server.tls.update_roots(ca.pem() + foreign_ca.pem())
+    client = connect_pem(server.target, ca.pem(), *_pems(newcomer))
     response = client.ads().exchange(sotw(CLUSTER))
     assert names_of(response) == ["c1", "c2"]
     client.close()

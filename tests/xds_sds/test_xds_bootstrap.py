@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh_identity.mesh import Address
-from tests.xds_sds.pki import TestCa
-from xds_sds.bootstrap import renew_bootstrap, renew_bootstrap_bundle, write_bootstrap
+from mesh_identity.mesh.model import Address
+from tests.pki import TestCa
+from xds_sds.resources.bootstrap import renew_bootstrap, renew_bootstrap_bundle, write_bootstrap
 
-CA = TestCa("example.org")
+CA = TestCa.for_trust_domain("example.org")
 SERVER = CA.id("/mesh-identity/xds")
 
 
@@ -65,7 +65,7 @@ def test_renewal_replaces_the_files_in_place(tmp_path: Path) -> None:
     assert after != before
     chain = json.loads(after)["resources"][0]["tlsCertificate"]["certificateChain"]["inlineBytes"]
     assert base64.b64decode(chain) == renewed.cert_chain_pem()
-    next_root = TestCa("example.org", "next root")
+    next_root = TestCa.for_trust_domain("example.org", "next root")
     renew_bootstrap_bundle(CA.bundle.with_authorities(next_root.bundle.authorities), tmp_path)
     assert len(json.loads(files.bundle.read_text())["resources"]) == 1
     assert sorted(p.name for p in files.certificate.parent.iterdir()) == ["xds-bundle.json", "xds-cert.json"]

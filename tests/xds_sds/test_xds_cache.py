@@ -7,12 +7,12 @@ from collections.abc import Callable
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
 
+from tests.pki import TestCa
 from tests.xds_sds.conftest import cluster
-from tests.xds_sds.pki import TestCa
-from xds_sds.acks import AckEvent, AckTracker
-from xds_sds.cache import Resource, SnapshotCache
-from xds_sds.secrets import bundle_roots_pem, validation_context_secret
-from xds_sds.typeurls import CLUSTER, ENDPOINT, SECRET
+from xds_sds.protocol.acks import AckEvent, AckTracker
+from xds_sds.protocol.cache import Resource, SnapshotCache
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, SECRET
+from xds_sds.resources.secrets import bundle_roots_pem, validation_context_secret
 
 
 def test_changing_one_resource_changes_the_version_of_its_type_only() -> None:
@@ -78,7 +78,7 @@ def _holds_root(root_pem: bytes) -> Callable[[any_pb2.Any], bool]:
 
 
 def test_which_proxies_acknowledged_a_bundle_holding_a_root() -> None:
-    old, new = TestCa("example.org", "old root"), TestCa("example.org", "new root")
+    old, new = TestCa.for_trust_domain("example.org", "old root"), TestCa.for_trust_domain("example.org", "new root")
     name = "spiffe://example.org"
     before = Resource.pack(name, validation_context_secret(old.bundle))
     both = Resource.pack(name, validation_context_secret(old.bundle.with_authorities(new.bundle.authorities)))
@@ -89,9 +89,9 @@ def test_which_proxies_acknowledged_a_bundle_holding_a_root() -> None:
     tracker.record_ack("p2", SECRET, [before])
     tracker.record_ack("p2", SECRET, [both])
     tracker.record_nack("p3", SECRET, "7", [both], "cannot load")
-    holds_new = _holds_root(new.pem)
+    holds_new = _holds_root(new.pem())
     assert tracker.nodes_where(SECRET, name, holds_new) == {"p2"}
-    assert tracker.nodes_where(SECRET, name, _holds_root(old.pem)) == {"p1", "p2"}
+    assert tracker.nodes_where(SECRET, name, _holds_root(old.pem())) == {"p1", "p2"}
     assert tracker.nodes_acked(SECRET, name, both.version) == {"p2"}
     assert tracker.nodes_acked(SECRET, name) == {"p1", "p2"}
     assert [(e.node_id, e.nack is not None) for e in events] == [

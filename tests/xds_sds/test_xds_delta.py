@@ -6,16 +6,16 @@ import grpc
 import pytest
 
 from mesh_identity.svid import X509Svid
+from tests.pki import TestCa
 from tests.xds_sds.client import Client, delta, names_of
 from tests.xds_sds.conftest import cluster
-from tests.xds_sds.pki import TestCa
 from tests.xds_sds.waiting import ack_events
-from xds_sds.acks import AckTracker
-from xds_sds.auth import bundle_secret_name, tls_secret_name
-from xds_sds.cache import SnapshotCache
-from xds_sds.secrets import tls_certificate_secret
-from xds_sds.server import DiscoveryServer
-from xds_sds.typeurls import CLUSTER, PREFIX, SECRET
+from xds_sds.protocol.acks import AckTracker
+from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
+from xds_sds.protocol.cache import SnapshotCache
+from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.typeurls import CLUSTER, PREFIX, SECRET
+from xds_sds.resources.secrets import tls_certificate_secret
 
 A = "spiffe://example.org/ns/default/sa/a"
 

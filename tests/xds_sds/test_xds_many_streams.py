@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from mesh_identity.svid import X509Svid
-from tests.xds_sds.pki import TestCa
-from xds_sds.server import DiscoveryServer
+from tests.pki import TestCa
+from xds_sds.protocol.server import DiscoveryServer
 
 HERE = Path(__file__).parent
 
@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 def test_a_burst_of_streams_beyond_grpc_default_pending_limit_is_served(
     server: DiscoveryServer, ca: TestCa, svid_a: X509Svid, tmp_path: Path
 ) -> None:
-    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    (tmp_path / "ca.pem").write_bytes(ca.pem())
     (tmp_path / "chain.pem").write_bytes(svid_a.cert_chain_pem())
     (tmp_path / "key.pem").write_bytes(svid_a.key_pem())
     streams = 2500  # gRPC core refuses calls beyond 1,000 pending by default

@@ -1,4 +1,4 @@
-"""What a sidecar gets, built from the mesh model; and the XdsServer's inputs (without Envoy)."""
+"""What a sidecar gets, built from the mesh model; and the MeshPublisher's inputs (without Envoy)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from mesh_identity.mesh import Address, Instance, Mesh, Protocol, Service, Upstream
+from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.svid import fingerprint_of
-from tests.xds_sds.pki import TestCa
-from xds_sds.cache import Resource
-from xds_sds.control_plane import XdsServer
-from xds_sds.proxy import proxy_resources
-from xds_sds.secrets import validation_context_secret
-from xds_sds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from tests.pki import TestCa
+from xds_sds.mesh.publisher import MeshPublisher
+from xds_sds.protocol.cache import Resource
+from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from xds_sds.resources.proxy import proxy_resources
+from xds_sds.resources.secrets import validation_context_secret
 
-CA = TestCa("example.org")
+CA = TestCa.for_trust_domain("example.org")
 FRONTEND = CA.id("/ns/shop/sa/frontend")
 BACKEND = CA.id("/ns/shop/sa/backend")
 LEDGER = CA.id("/ns/shop/sa/ledger")
@@ -120,19 +120,19 @@ def test_tcp_upstream_and_inbound_use_tcp_proxy() -> None:
         assert proxy.cluster == cluster  # type: ignore[attr-defined]
 
 
-# -- XdsServer inputs ----------------------------------------------------------------------------------------
+# -- MeshPublisher inputs ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def xds() -> XdsServer:
-    return XdsServer(_mesh(), CA.server_svid())
+def xds() -> MeshPublisher:
+    return MeshPublisher(_mesh(), CA.server_svid())
 
 
-def _versions(xds: XdsServer, node: str) -> dict[str, str]:
+def _versions(xds: MeshPublisher, node: str) -> dict[str, str]:
     return {t: xds.cache.get(node, t).version for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT, SECRET)}
 
 
-def test_update_identity_changes_only_that_identity_secrets(xds: XdsServer) -> None:
+def test_update_identity_changes_only_that_identity_secrets(xds: MeshPublisher) -> None:
     before = {node: _versions(xds, node) for node in xds.mesh.nodes()}
     svid = CA.svid("/ns/shop/sa/backend")
     assert xds.update_identity(svid) == ("backend-1",)
@@ -145,8 +145,8 @@ def test_update_identity_changes_only_that_identity_secrets(xds: XdsServer) -> N
     assert xds.update_identity(CA.svid("/ns/elsewhere/sa/nobody")) == ()
 
 
-def test_update_bundle_reaches_every_sidecar_and_the_xds_port(xds: XdsServer) -> None:
-    other = TestCa("example.org", "next root")
+def test_update_bundle_reaches_every_sidecar_and_the_xds_port(xds: MeshPublisher) -> None:
+    other = TestCa.for_trust_domain("example.org", "next root")
     generation = xds.tls.generation
     bundle = CA.bundle.with_authorities(other.bundle.authorities)
     xds.update_bundle(bundle)
@@ -155,12 +155,12 @@ def test_update_bundle_reaches_every_sidecar_and_the_xds_port(xds: XdsServer) ->
         assert secret.version == Resource.pack("x", validation_context_secret(bundle)).version
     assert xds.tls.generation == generation + 1
     with pytest.raises(ValueError) as info:
-        xds.update_bundle(TestCa("partner.example").bundle)
+        xds.update_bundle(TestCa.for_trust_domain("partner.example").bundle)
     assert str(info.value) == "bundle of partner.example is not the mesh's trust domain example.org"
 
 
-def test_nodes_trusting_a_root(xds: XdsServer) -> None:
-    other = TestCa("example.org", "next root")
+def test_nodes_trusting_a_root(xds: MeshPublisher) -> None:
+    other = TestCa.for_trust_domain("example.org", "next root")
     xds.update_bundle(CA.bundle.with_authorities(other.bundle.authorities))
     bundle = xds.cache.get("backend-1", SECRET).resources["spiffe://example.org"]
     xds.acks.record_ack("backend-1", SECRET, [bundle])
@@ -169,11 +169,11 @@ def test_nodes_trusting_a_root(xds: XdsServer) -> None:
     xds.acks.record_ack(
         "frontend-1", SECRET, [Resource.pack("spiffe://example.org", validation_context_secret(CA.bundle))]
     )
-    assert xds.nodes_trusting(fingerprint_of(other.cert)) == {"backend-1", "ledger-1"}
-    assert xds.nodes_trusting(fingerprint_of(CA.cert)) == {"backend-1", "ledger-1", "frontend-1"}
+    assert xds.nodes_trusting(fingerprint_of(other.certificate)) == {"backend-1", "ledger-1"}
+    assert xds.nodes_trusting(fingerprint_of(CA.certificate)) == {"backend-1", "ledger-1", "frontend-1"}
 
 
-def test_update_mesh_pushes_only_what_changed_and_forgets_departed_sidecars(xds: XdsServer) -> None:
+def test_update_mesh_pushes_only_what_changed_and_forgets_departed_sidecars(xds: MeshPublisher) -> None:
     before = _versions(xds, "frontend-1")
     xds.update_mesh(_mesh(backend_inbound=15999))
     after = _versions(xds, "frontend-1")
@@ -184,7 +184,7 @@ def test_update_mesh_pushes_only_what_changed_and_forgets_departed_sidecars(xds:
     assert {t for t in after if after[t] != final[t]} == {LISTENER, CLUSTER, ENDPOINT}
 
 
-def test_update_mesh_refuses_another_trust_domain(xds: XdsServer) -> None:
+def test_update_mesh_refuses_another_trust_domain(xds: MeshPublisher) -> None:
     with pytest.raises(ValueError) as info:
-        xds.update_mesh(Mesh(TestCa("other.org").trust_domain, {}))
+        xds.update_mesh(Mesh(TestCa.for_trust_domain("other.org").trust_domain, {}))
     assert str(info.value) == "the mesh moved from example.org to other.org"

@@ -6,12 +6,12 @@ import grpc
 import pytest
 
 from mesh_identity.svid import X509Svid
+from tests.pki import TestCa
 from tests.xds_sds.client import Client, ack, delta, names_of, sotw
-from tests.xds_sds.pki import TestCa
-from xds_sds.auth import bundle_secret_name, tls_secret_name
-from xds_sds.cache import SnapshotCache
-from xds_sds.secrets import tls_certificate_secret
-from xds_sds.typeurls import CLUSTER, SECRET
+from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
+from xds_sds.protocol.cache import SnapshotCache
+from xds_sds.protocol.typeurls import CLUSTER, SECRET
+from xds_sds.resources.secrets import tls_certificate_secret
 
 
 def test_stream_secrets_defaults_the_type_and_pushes_a_rotation(

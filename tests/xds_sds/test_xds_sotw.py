@@ -10,16 +10,17 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from mesh_identity.svid import X509Svid
+from tests.pki import TestCa
+from tests.waiting import wait_until
 from tests.xds_sds.client import Client, ack, names_of, sotw
 from tests.xds_sds.conftest import cluster
-from tests.xds_sds.pki import TestCa
-from tests.xds_sds.waiting import ack_events, wait_until
-from xds_sds.acks import AckTracker
-from xds_sds.auth import bundle_secret_name, tls_secret_name
-from xds_sds.cache import SnapshotCache
-from xds_sds.secrets import bundle_roots_pem, tls_certificate_secret, validation_context_secret
-from xds_sds.server import DiscoveryServer
-from xds_sds.typeurls import CLUSTER, PREFIX, SECRET
+from tests.xds_sds.waiting import ack_events
+from xds_sds.protocol.acks import AckTracker
+from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
+from xds_sds.protocol.cache import SnapshotCache
+from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.typeurls import CLUSTER, PREFIX, SECRET
+from xds_sds.resources.secrets import bundle_roots_pem, tls_certificate_secret, validation_context_secret
 
 UNKNOWN = PREFIX + "envoy.config.foo.v3.Bar"
 
@@ -75,7 +76,7 @@ def test_a_change_pushes_only_its_type_to_the_affected_node(
 
     # node-a's secret stream was not pushed by the cluster change: its next message is the secret change
     a.send(ack(pushed))
-    rotated = TestCa("example.org").svid("/ns/default/sa/a")
+    rotated = TestCa.for_trust_domain("example.org").svid("/ns/default/sa/a")
     cache.update_resources("node-a", SECRET, {a_names[0]: tls_certificate_secret(rotated)})
     secret_push = a.recv()
     assert secret_push.type_url == SECRET
@@ -167,7 +168,7 @@ def test_unknown_type_url_gets_an_empty_answer_and_the_stream_goes_on(
 
 
 def test_non_wildcard_subscription_to_missing_names_waits_for_them(client_a: Client, cache: SnapshotCache) -> None:
-    partner = TestCa("partner.example")
+    partner = TestCa.for_trust_domain("partner.example")
     name = bundle_secret_name(partner.trust_domain)
     stream = client_a.ads()
     stream.send(sotw(SECRET, [name]))
@@ -227,9 +228,9 @@ def test_client_disconnect_mid_stream_is_cleaned_up_and_others_are_served(
     a, b = client_a.ads(), client_b.ads()
     a.exchange(sotw(CLUSTER))  # not acknowledged: a response is in flight when the client goes
     b.send(ack(b.exchange(sotw(CLUSTER, node="node-b")), node="node-b"))
-    wait_until(lambda: server.connected_nodes() == {"node-a", "node-b"}, "both streams to open")
+    wait_until(lambda: server.connected_nodes() == {"node-a", "node-b"}, "both streams to open", timeout=10)
     a.cancel()
-    wait_until(lambda: server.connected_nodes() == {"node-b"}, "node-a's stream to be cleaned up")
+    wait_until(lambda: server.connected_nodes() == {"node-b"}, "node-a's stream to be cleaned up", timeout=10)
     assert cache.watcher_count("node-a") == 0
     assert server.metrics.value("mesh_identity_xds_streams", service="ads") == 1
     cache.update_resources("node-a", CLUSTER, {"c7": cluster("c7")})
@@ -242,7 +243,7 @@ def test_client_half_close_ends_the_stream_ok(client_a: Client, server: Discover
     stream.exchange(sotw(CLUSTER))
     stream.close()
     assert stream.status() == (grpc.StatusCode.OK, "")
-    wait_until(lambda: not server.streams(), "the stream to be forgotten")
+    wait_until(lambda: not server.streams(), "the stream to be forgotten", timeout=10)
 
 
 def test_each_type_waits_for_the_ack_of_its_previous_response(client_a: Client, cache: SnapshotCache) -> None:
@@ -268,7 +269,7 @@ def test_pushes_follow_the_warming_order(
         stream.send(ack(clusters))
         events.next()
         events.next()
-    rotated = TestCa("example.org").svid("/ns/default/sa/a")
+    rotated = TestCa.for_trust_domain("example.org").svid("/ns/default/sa/a")
     cache.set_snapshot(
         "node-a",
         {SECRET: {mine: tls_certificate_secret(rotated)}, CLUSTER: {"c1": cluster("c1"), "c5": cluster("c5")}},
@@ -283,4 +284,4 @@ def test_bundle_secret_is_served_as_validation_context(client_a: Client, ca: Tes
     secret = secret_pb2.Secret()
     response.resources[0].Unpack(secret)
     assert secret == validation_context_secret(ca.bundle)
-    assert bundle_roots_pem(secret) == ca.pem
+    assert bundle_roots_pem(secret) == ca.pem()

@@ -1,21 +1,13 @@
-"""Waiting for something the server does in its own thread, with a bound that only stops a broken test."""
+"""Waiting for the ACKs and NACKs the xDS server's tracker sees, in order, with a bound that only stops a broken
+test (for any other condition, :func:`tests.waiting.wait_until`)."""
 
 from __future__ import annotations
 
 import queue
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-from xds_sds.acks import AckEvent, AckTracker
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.01)
+from xds_sds.protocol.acks import AckEvent, AckTracker
 
 
 class AckEvents:

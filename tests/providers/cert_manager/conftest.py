@@ -9,16 +9,24 @@ variables they read.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fakes.cert_manager_signer import cert_manager_signer
-from tests.fakes.kube_server import kube_api_client, kube_server
+from tests.fakes.cert_manager import cert_manager_signer, install_crds
+from tests.fakes.kube import KubeServer, kube_api_client
 
 __all__ = ["cert_manager_signer", "kube_api_client", "kube_server"]
 
 HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def kube_server() -> Iterator[KubeServer]:
+    """A running test API server with cert-manager's CRDs installed (every test here expects them)."""
+    with install_crds(KubeServer()) as server:
+        yield server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -40,16 +40,9 @@ from providers.cert_manager.errors import (
     TrustBundleError,
 )
 from providers.cert_manager.provider import SPEC, CertManagerProvider
-from tests.fakes.cert_manager_signer import Behaviour, CertManagerSigner, TestCa
-from tests.fakes.kube_server import (
-    CERTIFICATE_REQUEST,
-    CONFIG_MAP,
-    DEFAULT_USER,
-    ISSUER,
-    NAMESPACE,
-    SECRET,
-    KubeServer,
-)
+from tests.fakes.cert_manager import CERTIFICATE_REQUEST, ISSUER, Behaviour, CertManagerSigner
+from tests.fakes.kube import CONFIG_MAP, DEFAULT_USER, NAMESPACE, SECRET, KubeServer
+from tests.pki import TestCa
 
 TD = TrustDomain("example.org")
 NS = "mesh-identity"

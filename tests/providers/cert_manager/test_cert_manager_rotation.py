@@ -16,8 +16,9 @@ from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.cert_manager.provider import SPEC, CertManagerProvider
-from tests.fakes.cert_manager_signer import Behaviour, CertManagerSigner, TestCa
-from tests.fakes.kube_server import CERTIFICATE_REQUEST, KubeServer
+from tests.fakes.cert_manager import CERTIFICATE_REQUEST, Behaviour, CertManagerSigner
+from tests.fakes.kube import KubeServer
+from tests.pki import TestCa
 from tests.rotation.helpers import Recorder, engine_over
 
 TD = TrustDomain("example.org")

@@ -13,14 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.fakes.cert_manager_signer import (
-    SIGNER_USER,
-    Behaviour,
-    CertManagerSigner,
-    TestCa,
-    parse_go_duration,
-)
-from tests.fakes.kube_server import KubeServer
+from tests.fakes.cert_manager import SIGNER_USER, Behaviour, CertManagerSigner, parse_go_duration
+from tests.fakes.kube import KubeServer
+from tests.pki import TestCa
 
 G, V, CRS = "cert-manager.io", "v1", "certificaterequests"
 NS = "mesh"

@@ -14,7 +14,8 @@ import pytest
 import urllib3
 from kubernetes.client import ApiException
 
-from tests.fakes.kube_server import CERTIFICATE_REQUEST, DEFAULT_TOKEN, DEFAULT_USER, SECRET, KubeServer
+from tests.fakes.cert_manager import CERTIFICATE_REQUEST, install_crds
+from tests.fakes.kube import DEFAULT_TOKEN, DEFAULT_USER, SECRET, KubeServer
 
 G, V, CRS = "cert-manager.io", "v1", "certificaterequests"
 NS = "mesh"
@@ -846,7 +847,7 @@ def test_stopped_server_refuses_connections() -> None:
 
 
 def test_stop_ends_open_watches() -> None:
-    server = KubeServer().start()
+    server = install_crds(KubeServer()).start()
     with kubernetes.client.ApiClient(server.client_configuration()) as api:
         watch = kubernetes.watch.Watch()
         stopper = threading.Thread(target=lambda: server.wait_for_watches(1) and server.stop())

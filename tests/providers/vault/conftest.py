@@ -1,6 +1,6 @@
 """Fixtures for the Vault provider tests, and the real-Vault tier.
 
-Every test here talks HTTP(S) to a Vault: by default the test server of ``tests/fakes/vault_server.py`` on an
+Every test here talks HTTP(S) to a Vault: by default the test server of ``tests/fakes/vault/`` on an
 ephemeral loopback port. Tests that take the ``target`` fixture run twice: against the test server, and (marked
 ``integration``) against a real Vault given by ``VAULT_ADDR`` and ``VAULT_TOKEN`` (a token allowed to mount
 PKI engines and write policies, e.g. the root token of ``vault server -dev``; ``VAULT_CACERT`` for HTTPS,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.vault_server import ListenerTLS, VaultServer
+from tests.fakes.vault import ListenerTLS, VaultServer
 from tests.providers.vault.targets import VaultTarget, set_up, tear_down
 
 HERE = Path(__file__).parent

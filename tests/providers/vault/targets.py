@@ -21,7 +21,7 @@ from mesh_identity.keys import KeyType
 from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.spiffe import TrustDomain
 from providers.vault.provider import VaultProvider
-from tests.fakes.vault_server import VaultServer
+from tests.fakes.vault import VaultServer
 
 TRUST_DOMAIN = TrustDomain("example.org")
 ROLE = "spiffe"

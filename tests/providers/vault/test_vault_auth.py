@@ -16,8 +16,9 @@ from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.vault.errors import VaultLoginError, VaultTokenExpiredError
 from providers.vault.provider import SPEC, VaultProvider
-from tests.fakes.vault_server import VaultServer
+from tests.fakes.vault import VaultServer
 from tests.providers.vault.targets import set_up_pki
+from tests.waiting import wait_until
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.for_kubernetes(TD, "default", "web")
@@ -32,13 +33,6 @@ def sign(provider: VaultProvider) -> Any:
     key = generate_key(KeyType.ECDSA_P256)
     return provider.sign_workload(workload_csr(key, WORKLOAD), WORKLOAD, timedelta(minutes=10))
 
-
-def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def denied(vault: VaultServer) -> list[str]:
@@ -187,7 +181,7 @@ def test_approle_renews_then_logs_in_again_before_the_max_ttl(pki: VaultServer, 
     provider = provider_for(tmp_path, options)
     try:
         sign(provider)
-        wait_for(lambda: provider.keeper.logins >= 2, what="a second login")
+        wait_until(lambda: provider.keeper.logins >= 2, "a second login", timeout=20)
         assert provider.keeper.renewals >= 1
         assert sign(provider).certificate
     finally:
@@ -203,7 +197,7 @@ def test_kubernetes_token_renewed_in_the_background(pki: VaultServer, tmp_path: 
     )
     try:
         sign(provider)
-        wait_for(lambda: provider.keeper.renewals >= 3, what="three renewals")
+        wait_until(lambda: provider.keeper.renewals >= 3, "three renewals", timeout=20)
         assert sign(provider).certificate
         assert provider.keeper.logins == 1
     finally:
@@ -224,7 +218,7 @@ def test_a_static_token_that_cannot_be_renewed_expires_with_a_clear_error(pki: V
             "it cannot be renewed, so signing stops when it expires: use approle or kubernetes"
         )
         sign(provider)
-        wait_for(lambda: _expired(pki, token), what="the token to expire")
+        wait_until(lambda: _expired(pki, token), "the token to expire", timeout=20)
         with pytest.raises(VaultTokenExpiredError):
             sign(provider)
         assert not provider.health().healthy
@@ -253,7 +247,7 @@ def test_renewal_failures_back_off(pki: VaultServer, tmp_path: Path):
         attempts = len(pki.requests)
         pki.clear_faults()
         assert 2 <= attempts <= 8, attempts  # tries at about 2s, 2.5s, 3.5s, 5.5s: backoff, not a loop
-        wait_for(lambda: provider.keeper.last_error is None, what="recovery")
+        wait_until(lambda: provider.keeper.last_error is None, "recovery", timeout=20)
         assert sign(provider).certificate
     finally:
         provider.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.fakes.vault_server import VaultServer
+from tests.fakes.vault import VaultServer
 
 
 def _config(tmp_path: Path, server: VaultServer, role: str) -> Path:

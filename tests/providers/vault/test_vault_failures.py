@@ -26,7 +26,7 @@ from providers.vault.errors import (
     VaultUnreachableError,
 )
 from providers.vault.provider import SPEC, VaultProvider
-from tests.fakes.vault_server import ListenerTLS, VaultServer
+from tests.fakes.vault import ListenerTLS, VaultServer
 from tests.providers.vault.targets import set_up_pki
 
 TD = TrustDomain("example.org")

@@ -32,6 +32,7 @@ from providers.vault.errors import (
 )
 from providers.vault.provider import VaultProvider
 from tests.providers.vault.targets import TRUST_DOMAIN, VaultTarget
+from tests.waiting import wait_until
 
 WORKLOAD = SpiffeId.for_kubernetes(TRUST_DOMAIN, "default", "web")
 
@@ -247,13 +248,6 @@ def test_a_revoked_token_is_an_auth_error_until_the_token_file_holds_a_new_one(t
         provider.close()
 
 
-def wait_for(condition, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
 
 @pytest.mark.slow
 def test_a_short_lived_token_is_renewed_before_it_expires(target: VaultTarget, tmp_path: Path):
@@ -263,7 +257,7 @@ def test_a_short_lived_token_is_renewed_before_it_expires(target: VaultTarget, t
     try:
         provider.sign_workload(workload_csr(key, WORKLOAD), WORKLOAD, timedelta(minutes=5))
         started = time.monotonic()
-        wait_for(lambda: provider.keeper.renewals >= 2, what="two renewals")
+        wait_until(lambda: provider.keeper.renewals >= 2, "two renewals", timeout=15)
         assert time.monotonic() - started > 3  # the token lived past its first lease...
         assert provider.sign_workload(workload_csr(key, WORKLOAD), WORKLOAD, timedelta(minutes=5)).certificate
         assert provider.keeper.logins == 1  # ...by renewals, never a new login

@@ -16,7 +16,7 @@ from mesh_identity.provider import Mode, ProviderContext
 from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from providers.vault.provider import SPEC, VaultProvider
-from tests.fakes.vault_server import VaultServer
+from tests.fakes.vault import VaultServer
 from tests.providers.vault.targets import set_up_pki
 from tests.rotation.helpers import Recorder, engine_over
 

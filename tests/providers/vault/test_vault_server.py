@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.fakes.vault_server import ListenerTLS, VaultServer, go_duration
+from tests.fakes.vault import ListenerTLS, VaultServer, go_duration
 
 SPIFFE = "spiffe://example.org/ns/default/sa/web"
 

@@ -1,0 +1,152 @@
+"""The composition root: every command builds what it needs here, from a config, in one order.
+
+::
+
+    config ─► plugins ─► CA provider ─► Authority                                       (Stage.AUTHORITY)
+                  │            │
+                  │            └──► rotation engine + metrics + root rotation ─► Service (Stage.SERVER)
+                  │                         ▲ membership
+    workload registry (mesh file | …) ──────┴──────────────► xDS component (a Service component)
+
+:func:`build` takes the stage a command needs: ``init``, ``doctor`` and the offline ``ca status`` stop at the
+provider, ``issue`` and ``bootstrap`` at a started Authority, ``serve`` and the demo build the whole server.
+Nothing else in the project builds a provider, an Authority, a rotation engine or an xDS server from a config.
+It is the one module of the core that knows the plugin manager and the xDS layer.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from types import TracebackType
+
+from mesh_identity.assembly import build_authority, build_provider, build_service
+from mesh_identity.authority import Authority
+from mesh_identity.clock import Clock, utcnow
+from mesh_identity.config import Config, ListenConfig
+from mesh_identity.mesh.model import Address, Mesh
+from mesh_identity.provider import CAProvider, ProviderSpec
+from mesh_identity.registry.base import StaticRegistry, WorkloadRegistry
+from mesh_identity.registry.meshfile import MeshFileRegistry
+from mesh_identity.server.service import Service
+from plugins.manager import Plugins
+from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity
+from xds_sds.mesh.sidecars import SidecarDirs
+from xds_sds.protocol.metrics import XdsMetrics
+
+DEFAULT_XDS_LISTEN = ListenConfig("127.0.0.1", 0)
+
+
+class Stage(enum.IntEnum):
+    """How far :func:`build` goes."""
+
+    PROVIDER = 1  # the plugins and the provider
+    AUTHORITY = 2  # and a started Authority over it
+    SERVER = 3  # and the server: rotation engine, membership, endpoint, the xDS component with a registry
+
+
+@dataclass
+class System:
+    """What :func:`build` made. ``authority`` is set from Stage.AUTHORITY on (the service's at SERVER);
+    ``registry`` when the config has a mesh (``mesh_file``, or ``xds.listen`` alone: an empty one) or one was
+    given; ``xds`` at SERVER with a registry."""
+
+    config: Config
+    plugins: Plugins
+    provider: CAProvider
+    registry: WorkloadRegistry | None = None
+    authority: Authority | None = None
+    service: Service | None = None
+    xds: XdsComponent | None = None
+
+    def close(self) -> None:
+        """Release the provider (a started service releases it when it stops)."""
+        self.provider.close()
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if self.service is not None:
+            self.service.stop()
+        else:
+            self.close()
+
+
+def provider_specs(*, debug: bool = False) -> list[ProviderSpec]:
+    """Every installed CA provider (``mesh-identity providers``)."""
+    return list(Plugins.load(trace=debug).providers().values())
+
+
+def registry_for(config: Config) -> WorkloadRegistry | None:
+    """The registry a config describes: its mesh file; an empty set when only ``xds.listen`` is set; else None.
+    A mesh file that does not validate raises ConfigError naming the file or the key path."""
+    if config.mesh_file is not None:
+        return MeshFileRegistry(config.mesh_file, config.trust_domain)
+    if config.xds_listen is not None:
+        return StaticRegistry(Mesh(config.trust_domain))
+    return None
+
+
+def build(
+    config: Config,
+    until: Stage,
+    *,
+    create: bool,
+    debug: bool = False,
+    registry: WorkloadRegistry | None = None,
+    with_registry: bool | None = None,
+    clock: Clock = utcnow,
+) -> System:
+    """Build up to ``until`` (see the module docstring). ``create`` lets the provider create new CA state;
+    ``registry`` replaces the config's (another source of workloads); ``with_registry`` (default: at SERVER)
+    loads the config's registry at an earlier stage too (``bootstrap`` checks nodes against it). The registry
+    is loaded first, so a bad mesh file fails before any CA state is touched."""
+    if registry is None and (until is Stage.SERVER if with_registry is None else with_registry):
+        registry = registry_for(config)
+    plugins = Plugins.load(trace=debug)
+    plugins.configure(
+        {"trust_domain": config.trust_domain.name, "state_dir": config.state_dir, "plugins": config.plugins}
+    )
+    spec = plugins.provider(config.ca.provider)
+    options = plugins.validate_provider_options(spec.name, config.ca.provider_options)
+    provider = build_provider(config, spec, options, create=create, clock=clock)
+    system = System(config, plugins, provider, registry)
+    if until is Stage.PROVIDER:
+        return system
+    if until is Stage.AUTHORITY:
+        try:
+            system.authority = build_authority(config, provider, events=plugins, clock=clock)
+            system.authority.start()
+        except BaseException:
+            provider.close()
+            raise
+        return system
+    keep = (*config.identities, *([server_identity(config.trust_domain)] if registry is not None else []))
+    service = build_service(
+        config, provider, events=plugins, identities=dict.fromkeys(keep), registry=registry, clock=clock
+    )
+    system.service, system.authority = service, service.authority
+    if registry is not None:
+        system.xds = attach_xds(service, registry)
+    return system
+
+
+def attach_xds(service: Service, registry: WorkloadRegistry) -> XdsComponent:
+    """The xDS component of ``service``: fed by ``registry`` and the service's engine, reporting to its event
+    sinks (plugins and metrics) and its metrics registry, the root rotation's ack source."""
+    config = service.config
+    listen = config.xds_listen or DEFAULT_XDS_LISTEN
+    component = XdsComponent(
+        service.engine,
+        registry,
+        address=Address(listen.host, listen.port),
+        sidecars=SidecarDirs(config.state_dir),
+        audit=service.events,
+        metrics=XdsMetrics(service.metrics.registry),
+        max_connection_age=connection_age(config.ca.workload_ttl, config.ca.rotate_after),
+        addr_file=config.state_dir / XDS_ADDR,
+    )
+    service.add_component(component)
+    service.set_ack_source(component)
+    return component

@@ -1,0 +1,236 @@
+"""The Envoy bootstrap of a sidecar: ADS over mTLS to our xDS server, admin on loopback.
+
+The sidecar authenticates to the xDS server with a bootstrap certificate (an SVID of the sidecar's own
+identity). Envoy reads it, and the trust bundle that verifies the server, through file-based SDS: two small
+JSON files in ``<out>/sds/``, each a discovery response with one secret, watched by Envoy. Renewing them
+(:func:`renew_bootstrap`) writes a new file next to the old one and renames it over it, which Envoy's
+directory watch picks up: no restart, and never a half-written certificate.
+
+Layout of ``out_dir``::
+
+    envoy.json            the bootstrap (pass it to envoy -c)
+    sds/xds-cert.json     the bootstrap SVID and key (mode 0600)
+    sds/xds-bundle.json   the trust bundle that verifies the xDS server
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.overload.v3 import overload_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import duration_pb2, json_format
+
+from mesh_identity.files import write_private
+from mesh_identity.mesh.model import Address
+from mesh_identity.spiffe import SpiffeId
+from mesh_identity.svid import TrustBundle, X509Svid
+from xds_sds.resources import clusters
+from xds_sds.resources.packing import pack, socket_address
+from xds_sds.resources.tls import TRANSPORT_SOCKET, uri_san_matcher
+
+XDS_CLUSTER = "mesh-identity-xds"
+CERT_SECRET_NAME = "xds-client-certificate"  # noqa: S105 - an SDS secret name
+BUNDLE_SECRET_NAME = "xds-trust-bundle"  # noqa: S105 - an SDS secret name
+BOOTSTRAP_FILE = "envoy.json"
+MAX_DOWNSTREAM_CONNECTIONS = 10_000  # a sidecar's limit on accepted connections (Envoy's overload manager)
+SDS_DIR = "sds"
+CERT_FILE = "xds-cert.json"
+BUNDLE_FILE = "xds-bundle.json"
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapFiles:
+    directory: Path
+    bootstrap: Path
+    certificate: Path
+    bundle: Path
+
+
+def files_in(out_dir: Path) -> BootstrapFiles:
+    sds = out_dir / SDS_DIR
+    return BootstrapFiles(out_dir, out_dir / BOOTSTRAP_FILE, sds / CERT_FILE, sds / BUNDLE_FILE)
+
+
+def write_bootstrap(
+    svid: X509Svid,
+    out_dir: Path,
+    *,
+    node: str,
+    xds: Address,
+    server_identity: SpiffeId,
+    cluster: str | None = None,
+    admin: Address | None = None,
+    delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+) -> BootstrapFiles:
+    """Write the bootstrap of the sidecar ``node`` (of ``svid``'s identity) and its certificate files.
+
+    :param svid: the bootstrap certificate: an SVID of the sidecar's identity, with its key.
+    :param xds: where the xDS server listens.
+    :param server_identity: the SPIFFE ID the xDS server's certificate must carry.
+    :param cluster: Envoy's ``node.cluster`` (the service name); defaults to the node id.
+    :param admin: the admin address, loopback only; port 0 (the default) lets Envoy pick one (see
+        ``--admin-address-path``).
+    :param delta: use the incremental xDS protocol instead of state of the world.
+    :param max_connections: the most connections the sidecar accepts at once (Envoy's overload manager).
+    """
+    admin = admin if admin is not None else Address("127.0.0.1", 0)
+    if admin.host not in ("127.0.0.1", "::1"):
+        raise ValueError(f"the Envoy admin must listen on loopback, not {admin.host}")
+    files = files_in(out_dir)
+    files.certificate.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    renew_bootstrap(svid, out_dir)
+    write_private(files.bundle, _secrets_file(_bundle_secret(svid.bundle)), mode=0o644)
+    document = bootstrap(
+        files,
+        node=node,
+        cluster=cluster or node,
+        xds=xds,
+        server_identity=server_identity,
+        admin=admin,
+        delta=delta,
+        max_connections=max_connections,
+    )
+    write_private(files.bootstrap, json_format.MessageToJson(document, indent=2).encode(), mode=0o644)
+    return files
+
+
+def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
+    """Replace the bootstrap certificate (Envoy reloads it without a restart)."""
+    secret = secret_pb2.Secret(
+        name=CERT_SECRET_NAME,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=svid.cert_chain_pem()),
+            private_key=base_pb2.DataSource(inline_bytes=svid.key_pem()),
+        ),
+    )
+    write_private(files_in(out_dir).certificate, _secrets_file(secret), mode=0o600)
+
+
+def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> None:
+    """Replace the bundle that verifies the xDS server (root rotation)."""
+    write_private(files_in(out_dir).bundle, _secrets_file(_bundle_secret(bundle)), mode=0o644)
+
+
+def bootstrap(
+    files: BootstrapFiles,
+    *,
+    node: str,
+    cluster: str,
+    xds: Address,
+    server_identity: SpiffeId,
+    admin: Address,
+    delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+) -> bootstrap_pb2.Bootstrap:
+    """The bootstrap document (see :func:`write_bootstrap`)."""
+    api = config_source_pb2.ApiConfigSource
+    ads_source = api(
+        api_type=api.DELTA_GRPC if delta else api.GRPC,
+        transport_api_version=config_source_pb2.ApiVersion.V3,
+        set_node_on_first_message_only=True,
+        grpc_services=[
+            grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                    cluster_name=XDS_CLUSTER,
+                    retry_policy=base_pb2.RetryPolicy(
+                        retry_back_off=backoff_pb2.BackoffStrategy(
+                            base_interval=duration_pb2.Duration(nanos=250_000_000),
+                            max_interval=duration_pb2.Duration(seconds=5),
+                        )
+                    ),
+                )
+            )
+        ],
+    )
+    from_ads = config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.ApiVersion.V3
+    )
+    return bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=node, cluster=cluster),
+        admin=bootstrap_pb2.Admin(address=socket_address(admin)),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=ads_source, cds_config=from_ads, lds_config=from_ads
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(files, xds, server_identity)]),
+        overload_manager=overload_pb2.OverloadManager(
+            resource_monitors=[
+                overload_pb2.ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=pack(
+                        downstream_connections_pb2.DownstreamConnectionsConfig(
+                            max_active_downstream_connections=max_connections
+                        )
+                    ),
+                )
+            ]
+        ),
+    )
+
+
+def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId) -> cluster_pb2.Cluster:
+    watched = config_source_pb2.ConfigSource(
+        path_config_source=config_source_pb2.PathConfigSource(
+            path=str(files.certificate),
+            watched_directory=base_pb2.WatchedDirectory(path=str(files.certificate.parent)),
+        ),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+    bundle_source = config_source_pb2.ConfigSource()
+    bundle_source.CopyFrom(watched)
+    bundle_source.path_config_source.path = str(files.bundle)
+    tls_context = tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
+            tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=CERT_SECRET_NAME, sds_config=watched)],
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[uri_san_matcher(exact=str(server_identity))]
+                ),
+                validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                    name=BUNDLE_SECRET_NAME, sds_config=bundle_source
+                ),
+            ),
+            alpn_protocols=["h2"],
+        )
+    )
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(
+                connection_keepalive=protocol_pb2.KeepaliveSettings(
+                    interval=duration_pb2.Duration(seconds=30), timeout=duration_pb2.Duration(seconds=5)
+                )
+            )
+        )
+    )
+    cluster = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=clusters.CONNECT_TIMEOUT,
+        load_assignment=clusters.load_assignment(XDS_CLUSTER, [xds]),
+        transport_socket=base_pb2.TransportSocket(name=TRANSPORT_SOCKET, typed_config=pack(tls_context)),
+    )
+    cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
+    return cluster
+
+
+def _bundle_secret(bundle: TrustBundle) -> secret_pb2.Secret:
+    return secret_pb2.Secret(
+        name=BUNDLE_SECRET_NAME,
+        validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=bundle.pem())
+        ),
+    )
+
+
+def _secrets_file(secret: secret_pb2.Secret) -> bytes:
+    response = discovery_pb2.DiscoveryResponse(resources=[pack(secret)])
+    return json.dumps(json_format.MessageToDict(response), indent=2).encode()
