@@ -44,6 +44,23 @@ class RootStep(enum.StrEnum):
     RETIRE = "retire"
 
 
+@dataclass(frozen=True, slots=True)
+class StepOverride:
+    """An operator's explicit decision to take a step without some proxies' evidence; always audited.
+
+    ``exclude``: node ids whose missing acknowledgement is given up on (the others still gate the step);
+    ``force``: a reason to take the step whatever the proxies say (the identities' and intermediate's own
+    evidence still gates it).
+    """
+
+    exclude: frozenset[str] = frozenset()
+    force: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.exclude and self.force is None
+
+
 NEXT_COMMAND = {"steady": "prepare", "prepared": "activate", "activated": "retire"}
 _SHOWN = 5
 
@@ -257,15 +274,19 @@ class RootRotation:
 
     # -- steps ---------------------------------------------------------------------------------------------
 
-    def step(self, step: RootStep) -> str:
-        """Take ``step``; RotationError when the evidence (or the phase) says it is not safe yet."""
+    def step(self, step: RootStep, override: StepOverride | None = None) -> str:
+        """Take ``step``; RotationError when the evidence (or the phase) says it is not safe yet. ``override``
+        gives up on the evidence of some proxies (see :class:`StepOverride`)."""
+        override = override or StepOverride()
         match step:
             case RootStep.PREPARE:
+                if not override.empty:
+                    raise RotationError("prepare waits for no proxy: --exclude and --force do not apply to it")
                 return self.prepare()
             case RootStep.ACTIVATE:
-                return self.activate()
+                return self.activate(override)
             case RootStep.RETIRE:
-                return self.retire()
+                return self.retire(override)
 
     def prepare(self) -> str:
         with self._lock:
@@ -280,7 +301,7 @@ class RootRotation:
                 "Next, once every proxy has the new bundle: mesh-identity ca rotate-root activate"
             )
 
-    def activate(self) -> str:
+    def activate(self, override: StepOverride | None = None) -> str:
         with self._lock:
             self._require_phase("activate", "prepared")
             evidence = self.evidence()
@@ -308,7 +329,7 @@ class RootRotation:
                 text += "; " + "; ".join(notes)
             return text + ". Next, once nothing chains to the old root: mesh-identity ca rotate-root retire"
 
-    def retire(self) -> str:
+    def retire(self, override: StepOverride | None = None) -> str:
         with self._lock:
             self._require_phase("retire", "activated")
             evidence = self.evidence()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from mesh_identity.errors import MeshIdentityError, RotationError
-from mesh_identity.rotation.roots import RootStep
+from mesh_identity.rotation.roots import RootStep, StepOverride
 
 log = logging.getLogger(__name__)
 ADMIN_PREFIX = "/admin/root/"
@@ -43,7 +43,7 @@ class App(Protocol):
 
     def status_json(self) -> dict[str, Any]: ...
 
-    def root_step(self, step: RootStep) -> str: ...
+    def root_step(self, step: RootStep, override: StepOverride | None = None) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)

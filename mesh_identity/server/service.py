@@ -28,7 +28,7 @@ from mesh_identity.ports import is_loopback
 from mesh_identity.registry.base import WorkloadRegistry
 from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.rotation.membership import Membership
-from mesh_identity.rotation.roots import AckSource, RootRotation, RootStep
+from mesh_identity.rotation.roots import AckSource, RootRotation, RootStep, StepOverride
 from mesh_identity.server.endpoint import Endpoint
 from mesh_identity.server.metrics import Metrics
 from mesh_identity.server.status import Snapshot, signing_problem, snapshot
@@ -200,7 +200,7 @@ class Service:
     def status_json(self) -> dict[str, Any]:
         return self.snapshot().to_json()
 
-    def root_step(self, step: RootStep) -> str:
-        message = self.roots.step(step)
+    def root_step(self, step: RootStep, override: StepOverride | None = None) -> str:
+        message = self.roots.step(step, override)
         log.info("root rotation: %s", message)
         return message
