@@ -63,6 +63,7 @@ class Config:
     ca: CaConfig = field(default_factory=CaConfig)
     metrics_listen: ListenConfig | None = None
     xds_listen: ListenConfig | None = None
+    xds_ack_timeout: timedelta = timedelta(minutes=1)
     mesh_file: Path | None = None
     plugins: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
@@ -135,7 +136,7 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "provider_options": _mapping,
 }
 _TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities")
-_LISTEN_FIELDS = ("listen",)
+_SECTION_FIELDS = {"metrics": ("listen",), "xds": ("listen", "ack_timeout")}
 
 
 def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
@@ -191,10 +192,14 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
             f"{ca_raw.get('intermediate_ttl', '24h')!r}; a workload certificate cannot outlive its issuer"
         )
     listens: dict[str, ListenConfig | None] = {}
-    for section in ("metrics", "xds"):
-        raw = _mapping(data.get(section), section)
-        _reject_unknown(raw, _LISTEN_FIELDS, f"{section}.")
+    sections: dict[str, Mapping[str, Any]] = {}
+    for section, fields in _SECTION_FIELDS.items():
+        raw = sections[section] = _mapping(data.get(section), section)
+        _reject_unknown(raw, fields, f"{section}.")
         listens[section] = _listen(raw["listen"], f"{section}.listen") if "listen" in raw else None
+    ack_timeout = _duration(sections["xds"].get("ack_timeout", "1m"), "xds.ack_timeout")
+    if ack_timeout <= timedelta(0):
+        raise ConfigError(f"xds.ack_timeout: {sections['xds']['ack_timeout']!r} is not a positive duration")
     mesh_file = base_dir / _string(data["mesh_file"], "mesh_file") if "mesh_file" in data else None
     return Config(
         trust_domain=trust_domain,
@@ -202,6 +207,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         ca=ca,
         metrics_listen=listens["metrics"],
         xds_listen=listens["xds"],
+        xds_ack_timeout=ack_timeout,
         mesh_file=mesh_file,
         plugins=_mapping(data.get("plugins"), "plugins"),
         source=source,

@@ -74,6 +74,8 @@ class CaRotated:
     new_fingerprint: str
     provider: str
     at: datetime
+    excluded: tuple[str, ...] = ()  # proxies whose evidence the operator gave up on for this step
+    forced: str | None = None  # the operator's reason for taking the step whatever the proxies said
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,13 @@ bundle (latest NotBefore; on a tie the later in the bundle, where providers appe
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from cryptography import x509
@@ -33,7 +35,10 @@ from mesh_identity.rotation.engine import RotationEngine
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import Fingerprint, TrustBundle, fingerprint_of, serial_of
 
+log = logging.getLogger(__name__)
+
 PHASES = ("steady", "prepared", "activated")
+DEFAULT_ACK_TIMEOUT = timedelta(minutes=1)
 
 
 class RootStep(enum.StrEnum):
@@ -81,6 +86,11 @@ class AckSource(Protocol):
         (:func:`root_of` tells which root a certificate chains to)."""
         ...
 
+    def proxies_lagging(self, older_than: timedelta) -> Sequence[str]:
+        """Connected proxies that rejected (NACKed) their latest config, or have not acknowledged a change sent
+        longer than ``older_than`` ago: one line each, ``node: what``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class RootInfo:
@@ -105,6 +115,7 @@ class RootEvidence:
     proxies_missing_bundle: tuple[str, ...] | None
     proxies_on_old_roots: tuple[str, ...] | None
     next_step: str
+    proxies_lagging: tuple[str, ...] | None = None
 
 
 def root_of(cert: x509.Certificate, roots: Iterable[x509.Certificate]) -> Fingerprint | None:
@@ -139,12 +150,14 @@ class RootRotation:
         events: EventSink | None = None,
         acks: AckSource | None = None,
         clock: Clock = utcnow,
+        ack_timeout: timedelta = DEFAULT_ACK_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.authority = engine.authority
         self.events: EventSink = events or NullSink()
         self.acks = acks
         self.clock = clock
+        self.ack_timeout = ack_timeout
         self._lock = threading.Lock()
 
     @property
@@ -166,8 +179,10 @@ class RootRotation:
         old = self._old_roots(bundle, new_root)
         missing: tuple[str, ...] | None = None
         on_old: tuple[str, ...] | None = None
+        lagging: tuple[str, ...] | None = None
         if self.acks is not None:  # asked only what the next step depends on
             missing = on_old = ()
+            lagging = tuple(self.acks.proxies_lagging(self.ack_timeout))
             if phase == "prepared":
                 missing = tuple(self.acks.proxies_missing_bundle(frozenset(bundle.fingerprints)))
             elif phase == "activated" and old:
@@ -183,8 +198,8 @@ class RootRotation:
             )
             for root in roots
         )
-        evidence = RootEvidence(phase, infos, new_root, signing_root, leaves, missing, on_old, "")
-        return RootEvidence(phase, infos, new_root, signing_root, leaves, missing, on_old, self._next_step(evidence))
+        evidence = RootEvidence(phase, infos, new_root, signing_root, leaves, missing, on_old, "", lagging)
+        return dataclasses.replace(evidence, next_step=self._next_step(evidence))
 
     def _signing_root(self, bundle: TrustBundle, phase: str, new_root: Fingerprint | None) -> str | None:
         signing = self.authority.signing_ca
@@ -230,21 +245,21 @@ class RootRotation:
 
     # -- gates ---------------------------------------------------------------------------------------------
 
-    def _activate_blockers(self, evidence: RootEvidence) -> list[str]:
+    def _activate_blockers(self, evidence: RootEvidence, override: StepOverride | None = None) -> list[str]:
         blockers: list[str] = []
         served = self.engine.bundles.current()
         wanted = self.authority.bundle()
         if served is None or not wanted.fingerprints <= served.fingerprints:
             blockers.append("the trust bundle with the new root is not being served yet")
-        if evidence.proxies_missing_bundle:
-            missing = evidence.proxies_missing_bundle
+        missing = _waited_for(evidence.proxies_missing_bundle, override)
+        if missing:
             blockers.append(
                 f"{_plural(len(missing), 'proxy has', 'proxies have')} not acknowledged the trust bundle with the "
                 f"new root yet: {_names(missing)}"
             )
         return blockers
 
-    def _retire_blockers(self, evidence: RootEvidence) -> list[str]:
+    def _retire_blockers(self, evidence: RootEvidence, override: StepOverride | None = None) -> list[str]:
         blockers: list[str] = []
         old = {info.fingerprint for info in evidence.roots if info.fingerprint != evidence.new_root}
         if self.engine.intermediate_mode and evidence.signing_root != evidence.new_root:
@@ -258,8 +273,8 @@ class RootRotation:
                 _plural(len(holders), "identity still holds a leaf", "identities still hold leaves")
                 + f" that chain{'s' if len(holders) == 1 else ''} to {them}: {_names(map(str, holders))}"
             )
-        if evidence.proxies_on_old_roots:
-            on_old = evidence.proxies_on_old_roots
+        on_old = _waited_for(evidence.proxies_on_old_roots, override)
+        if on_old:
             blockers.append(
                 _plural(len(on_old), "proxy still presents a certificate", "proxies still present certificates")
                 + f" that chain{'s' if len(on_old) == 1 else ''} to {them}: {_names(on_old)}"
@@ -305,9 +320,11 @@ class RootRotation:
         with self._lock:
             self._require_phase("activate", "prepared")
             evidence = self.evidence()
-            blockers = self._activate_blockers(evidence)
+            override = self._check_override("activate", evidence.proxies_missing_bundle, override)
+            blockers = self._activate_blockers(evidence, override)
             if blockers:
                 raise RotationError(f"cannot activate: {'; '.join(blockers)}")
+            given_up = self._given_up("activate", evidence.proxies_missing_bundle, override)
             root = self.provider.activate_root()
             new = fingerprint_of(root)
             notes = []
@@ -322,9 +339,11 @@ class RootRotation:
                     f"{_plural(len(failed), 'identity', 'identities')} failed to renew and "
                     f"{'is' if len(failed) == 1 else 'are'} retried with backoff: {_names(map(str, failed))}"
                 )
-            self._emit("activated", evidence.signing_root, new)
+            self._emit("activated", evidence.signing_root, new, given_up, override)
             moved = f"{_plural(summary.rotated, 'identity', 'identities')} renewed from it"
             text = f"activated root {serial_of(root)}: {moved}"
+            if given_up:
+                notes.append(f"taken without the acknowledgement of {_names(given_up)} ({_why(override)})")
             if notes:
                 text += "; " + "; ".join(notes)
             return text + ". Next, once nothing chains to the old root: mesh-identity ca rotate-root retire"
@@ -333,21 +352,61 @@ class RootRotation:
         with self._lock:
             self._require_phase("retire", "activated")
             evidence = self.evidence()
-            blockers = self._retire_blockers(evidence)
+            override = self._check_override("retire", evidence.proxies_on_old_roots, override)
+            blockers = self._retire_blockers(evidence, override)
             if blockers:
                 old = [info.serial for info in evidence.roots if info.fingerprint != evidence.new_root]
                 what = "root" if len(old) == 1 else "roots"
                 raise RotationError(f"cannot retire {what} {', '.join(old)}: {'; '.join(blockers)}")
+            given_up = self._given_up("retire", evidence.proxies_on_old_roots, override)
             retired = self.provider.retire_root()
             self.authority.refresh_bundle()
             self.engine.publish_bundle()
             kept = self.authority.bundle().authorities
             for root in retired:
-                self._emit("retired", fingerprint_of(root), fingerprint_of(kept[0]))
+                self._emit("retired", fingerprint_of(root), fingerprint_of(kept[0]), given_up, override)
             names = ", ".join(serial_of(root) for root in retired) or "none"
-            return f"retired root {names}: the trust bundle holds only root {serial_of(kept[0])} now"
+            text = f"retired root {names}: the trust bundle holds only root {serial_of(kept[0])} now"
+            if given_up:
+                text += f"; taken without {_names(given_up)}, still on the old root ({_why(override)})"
+            return text
 
-    def _emit(self, phase: str, old: str | None, new: str) -> None:
+    def _check_override(
+        self, step: str, blocking: tuple[str, ...] | None, override: StepOverride | None
+    ) -> StepOverride:
+        """The override, refused when it names a proxy that is not holding the step up (a typo would
+        otherwise give up on nothing while the operator believes otherwise)."""
+        override = override or StepOverride()
+        unknown = sorted(override.exclude - set(blocking or ()))
+        if unknown:
+            waiting = _names(blocking) if blocking else "none"
+            raise RotationError(
+                f"cannot {step}: --exclude names {_names(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
+                f"not holding this step up (waiting for: {waiting})"
+            )
+        if override.force is not None and not override.force.strip():
+            raise RotationError(f"cannot {step}: --force needs a reason")
+        return override
+
+    def _given_up(self, step: str, blocking: tuple[str, ...] | None, override: StepOverride) -> tuple[str, ...]:
+        """The proxies whose evidence this step goes ahead without; logged as a warning (and audited through
+        the step's event)."""
+        blocking = blocking or ()
+        given_up = tuple(p for p in blocking if override.force is not None or p in override.exclude)
+        if given_up:
+            log.warning(
+                "root rotation %s taken without the evidence of %s (%s)", step, ", ".join(given_up), _why(override)
+            )
+        return given_up
+
+    def _emit(
+        self,
+        phase: str,
+        old: str | None,
+        new: str,
+        given_up: tuple[str, ...] = (),
+        override: StepOverride | None = None,
+    ) -> None:
         self.events.emit(
             CaRotated(
                 kind=CertKind.ROOT,
@@ -356,6 +415,8 @@ class RootRotation:
                 new_fingerprint=new,
                 provider=self.provider.name,
                 at=self.clock(),
+                excluded=given_up,
+                forced=override.force if override is not None else None,
             )
         )
 
@@ -371,6 +432,20 @@ def _aki(cert: x509.Certificate) -> bytes:
         return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b""
     except x509.ExtensionNotFound:
         return b""
+
+
+def _waited_for(proxies: tuple[str, ...] | None, override: StepOverride | None) -> tuple[str, ...]:
+    """The proxies a step still waits for: all of them but those the override gives up on."""
+    if not proxies or (override is not None and override.force is not None):
+        return ()
+    excluded = override.exclude if override is not None else frozenset()
+    return tuple(p for p in proxies if p not in excluded)
+
+
+def _why(override: StepOverride | None) -> str:
+    if override is not None and override.force is not None:
+        return f"forced by the operator: {override.force}"
+    return "excluded by the operator"
 
 
 def _plural(count: int, one: str, many: str) -> str:

@@ -160,7 +160,8 @@ class RootStatus:
 @dataclass(frozen=True, slots=True)
 class CaStatus:
     """The CA chain and the root rotation with its evidence. The proxy lists are None when the server has no xDS
-    server to ask."""
+    server to ask; ``proxies_lagging``: proxies that rejected their config or have not acknowledged a change for
+    longer than ``xds.ack_timeout`` (``node: what``)."""
 
     phase: str
     next_step: str
@@ -169,6 +170,7 @@ class CaStatus:
     leaves_outside_bundle: int
     proxies_missing_bundle: tuple[str, ...] | None
     proxies_on_old_roots: tuple[str, ...] | None
+    proxies_lagging: tuple[str, ...] | None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +181,7 @@ class CaStatus:
             "leaves_outside_bundle": self.leaves_outside_bundle,
             "proxies_missing_bundle": _list(self.proxies_missing_bundle),
             "proxies_on_old_roots": _list(self.proxies_on_old_roots),
+            "proxies_lagging": _list(self.proxies_lagging),
         }
 
     @classmethod
@@ -196,6 +199,7 @@ class CaStatus:
             leaves_outside_bundle=obj.get("leaves_outside_bundle", _integer),
             proxies_missing_bundle=obj.optional_items("proxies_missing_bundle", _string),
             proxies_on_old_roots=obj.optional_items("proxies_on_old_roots", _string),
+            proxies_lagging=obj.optional_items("proxies_lagging", _string),
         )
 
 

@@ -88,7 +88,7 @@ class Service:
         self.registry = registry
         self.keep: Sequence[SpiffeId] = tuple(keep)
         self.membership = Membership(engine, registry, self.keep) if registry is not None else None
-        self.roots = RootRotation(self.engine, events=self.events, clock=clock)
+        self.roots = RootRotation(self.engine, events=self.events, clock=clock, ack_timeout=config.xds_ack_timeout)
         self.metrics.watch(self.snapshot)
         self.ttl_report: TtlReport | None = None
         self.endpoint: Endpoint | None = None

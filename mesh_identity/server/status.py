@@ -86,6 +86,7 @@ class Snapshot:
                 leaves_outside_bundle=len(evidence.leaves_by_root.get("", ())),
                 proxies_missing_bundle=evidence.proxies_missing_bundle,
                 proxies_on_old_roots=evidence.proxies_on_old_roots,
+                proxies_lagging=evidence.proxies_lagging,
             ),
             identities=tuple(self._cert_status(state) for state in self.identities),
         )

@@ -160,6 +160,7 @@ GOOD: dict[str, Any] = {
         "leaves_outside_bundle": 0,
         "proxies_missing_bundle": None,
         "proxies_on_old_roots": ["web-1"],
+        "proxies_lagging": ["web-1: rejected its Secret config: bad"],
     },
     "identities": [
         {
@@ -213,6 +214,7 @@ def test_the_good_document_reads_as_typed_values():
             leaves_outside_bundle=0,
             proxies_missing_bundle=None,
             proxies_on_old_roots=("web-1",),
+            proxies_lagging=("web-1: rejected its Secret config: bad",),
         ),
         identities=(
             CertStatus(

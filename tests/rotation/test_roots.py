@@ -7,6 +7,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from datetime import timedelta
 
 import pytest
 
@@ -14,7 +15,7 @@ from mesh_identity.assembly import build_service
 from mesh_identity.clock import utcnow
 from mesh_identity.errors import RotationError
 from mesh_identity.events import CaRotated, CertKind
-from mesh_identity.rotation.roots import root_of
+from mesh_identity.rotation.roots import RootStep, StepOverride, root_of
 from mesh_identity.server.service import ADMIN_TOKEN, Service
 from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, serial_of
 from tests.rotation.helpers import FlakyPlugin, Recorder, ids, make_config, provider_for, verify_problem
@@ -178,6 +179,8 @@ class Acks:
         self.without_bundle: list[str] = []
         self.on_old: list[str] = []
         self.asked: list[frozenset[str]] = []
+        self.lagging: list[str] = []
+        self.lagging_after: timedelta | None = None
 
     def proxies_missing_bundle(self, fingerprints: frozenset[str]) -> Sequence[str]:
         self.asked.append(fingerprints)
@@ -186,6 +189,10 @@ class Acks:
     def proxies_chaining_to(self, fingerprints: frozenset[str]) -> Sequence[str]:
         self.asked.append(fingerprints)
         return self.on_old
+
+    def proxies_lagging(self, older_than: timedelta) -> Sequence[str]:
+        self.lagging_after = older_than
+        return self.lagging
 
 
 def test_activate_waits_until_every_proxy_has_the_new_bundle(make_service):
@@ -292,3 +299,68 @@ def admin_raw(service: Service, token: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+def test_activate_can_give_up_on_named_proxies_and_says_so(make_service):
+    recorder = Recorder()
+    service = make_service(recorder=recorder)
+    acks = Acks()
+    service.set_ack_source(acks)
+    service.roots.prepare()
+    acks.without_bundle = ["web-1", "api-1"]
+    with pytest.raises(RotationError) as raised:
+        service.roots.step(RootStep.ACTIVATE, StepOverride(exclude=frozenset({"web-1"})))
+    assert str(raised.value) == (
+        "cannot activate: 1 proxy has not acknowledged the trust bundle with the new root yet: api-1"
+    )
+    with pytest.raises(RotationError) as raised:
+        service.roots.step(RootStep.ACTIVATE, StepOverride(exclude=frozenset({"web-1", "wbe-2"})))
+    assert str(raised.value) == (
+        "cannot activate: --exclude names wbe-2, which is not holding this step up (waiting for: web-1, api-1)"
+    )
+    assert service.roots.phase() == "prepared"
+
+    message = service.roots.step(RootStep.ACTIVATE, StepOverride(exclude=frozenset({"web-1", "api-1"})))
+    assert "taken without the acknowledgement of web-1, api-1 (excluded by the operator)" in message
+    (event,) = [e for e in recorder.of(CaRotated) if e.phase == "activated" and e.kind is CertKind.ROOT]
+    assert (event.excluded, event.forced) == (("web-1", "api-1"), None)
+
+
+def test_force_needs_a_reason_and_never_overrides_the_identities_evidence(make_service):
+    plugin = FlakyPlugin()
+    recorder = Recorder()
+    service = make_service(plugin=plugin, recorder=recorder, mode="per-workload")
+    acks = Acks()
+    service.set_ack_source(acks)
+    stuck = TEAM[2]
+    service.roots.prepare()
+    with pytest.raises(RotationError, match="prepare waits for no proxy"):
+        service.roots.step(RootStep.PREPARE, StepOverride(force="x"))
+    plugin.switch.deny = {stuck}  # it cannot renew: it keeps a leaf from the old root
+    service.roots.activate()
+    acks.on_old = ["db-1"]
+    with pytest.raises(RotationError) as raised:
+        service.roots.step(RootStep.RETIRE, StepOverride(force="  "))
+    assert str(raised.value) == "cannot retire: --force needs a reason"
+    with pytest.raises(RotationError) as raised:
+        service.roots.step(RootStep.RETIRE, StepOverride(force="db-1 is being decommissioned"))
+    assert str(raised.value).endswith(f": 1 identity still holds a leaf that chains to it: {stuck}")
+    assert "db-1" not in str(raised.value)
+
+    plugin.switch.deny = set()
+    assert service.engine.rotate(stuck) is True
+    message = service.roots.step(RootStep.RETIRE, StepOverride(force="db-1 is being decommissioned"))
+    assert message.endswith(
+        "taken without db-1, still on the old root (forced by the operator: db-1 is being decommissioned)"
+    )
+    (event,) = [e for e in recorder.of(CaRotated) if e.phase == "retired" and e.kind is CertKind.ROOT]
+    assert (event.excluded, event.forced) == (("db-1",), "db-1 is being decommissioned")
+
+
+def test_lagging_proxies_are_in_the_status_with_the_configured_timeout(make_service):
+    service = make_service()
+    acks = Acks()
+    service.set_ack_source(acks)
+    acks.lagging = ["web-1: rejected its Secret config: bad certificate"]
+    assert status(service)["ca"]["proxies_lagging"] == ["web-1: rejected its Secret config: bad certificate"]
+    assert acks.lagging_after == service.config.xds_ack_timeout == timedelta(minutes=1)

@@ -178,6 +178,10 @@ class XdsComponent:
         xds = self.xds
         return () if xds is None else xds.proxies_chaining_to(fingerprints)
 
+    def proxies_lagging(self, older_than: timedelta) -> Sequence[str]:
+        xds = self.xds
+        return () if xds is None else xds.proxies_lagging(older_than)
+
     # -- feeding the server --------------------------------------------------------------------------------
 
     def _follow(self, identity: SpiffeId) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -32,6 +32,8 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from mesh_identity.clock import utcnow
+from mesh_identity.durations import format_duration
 from mesh_identity.events import EventSink
 from mesh_identity.mesh.model import Address, Mesh, check_mesh
 from mesh_identity.rotation.roots import root_of
@@ -43,7 +45,7 @@ from xds_sds.protocol.cache import Resource, SnapshotCache
 from xds_sds.protocol.credentials import ServerTls
 from xds_sds.protocol.metrics import XdsMetrics
 from xds_sds.protocol.server import DiscoveryServer
-from xds_sds.protocol.typeurls import SECRET
+from xds_sds.protocol.typeurls import KNOWN, SECRET, short_name
 from xds_sds.resources.proxy import ProxyView, Resources, build_proxy, proxy_views, secret_resources
 from xds_sds.resources.secrets import bundle_roots_pem, tls_certificate_secret
 
@@ -67,8 +69,11 @@ class MeshPublisher:
         audit: EventSink | None = None,
         metrics: XdsMetrics | None = None,
         max_connection_age: timedelta | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._lock = threading.RLock()
+        self._clock = clock
+        self._changed_at: dict[tuple[str, str], datetime] = {}  # (node, type URL) -> when last changed
         self.max_connection_age = max_connection_age
         self._mesh = mesh
         self._bundle = server_svid.bundle
@@ -126,8 +131,10 @@ class MeshPublisher:
             self._svids[svid.spiffe_id] = svid
             nodes = self._mesh.nodes_of(svid.spiffe_id)
             secrets = packed(secret_resources(svid, self._bundle))
+            now = self._clock()
             for node in nodes:
                 self.cache.update_resources(node, SECRET, secrets)
+                self._changed_at[node, SECRET] = now
             return nodes
 
     def update_bundle(self, bundle: TrustBundle) -> None:
@@ -140,8 +147,10 @@ class MeshPublisher:
             self._bundle = bundle
             self.tls.update_roots(bundle.pem())
             secrets = packed(secret_resources(None, bundle))
+            now = self._clock()
             for node in self._mesh.nodes():
                 self.cache.update_resources(node, SECRET, secrets)
+                self._changed_at[node, SECRET] = now
 
     def update_server_svid(self, svid: X509Svid) -> None:
         """The server's own certificate rotated: new handshakes present it (open streams carry on)."""
@@ -170,13 +179,20 @@ class MeshPublisher:
                 built[node] = build_proxy(views[node], max_connection_age=self.max_connection_age)
                 svid = self._svids.get(views[node].identity)
                 built[node][SECRET] = secret_resources(svid, self._bundle)
+            now = self._clock()
             for node in changed:
+                before = {type_url: self.cache.get(node, type_url).version for type_url in built[node]}
                 self.cache.set_snapshot(node, built[node])
+                for type_url in built[node]:
+                    if self.cache.get(node, type_url).version != before[type_url]:
+                        self._changed_at[node, type_url] = now
             self._views = views
             if previous is not None:
                 for node in set(previous.nodes()) - set(views):
                     self.cache.remove_node(node)
                     self.acks.forget(node)
+                    for key in [key for key in self._changed_at if key[0] == node]:
+                        del self._changed_at[key]
                 self.server.reauthorize()  # streams of nodes that left or changed identity end
             return tuple(changed)
 
@@ -217,10 +233,42 @@ class MeshPublisher:
                 found.append(node)
         return found
 
+    def proxies_lagging(self, older_than: timedelta) -> Sequence[str]:
+        """Connected sidecars whose latest config of some type they rejected (NACK), or have not acknowledged
+        although it changed more than ``older_than`` ago: ``node: what`` for each (root rotation shows them).
+        Only the types a sidecar has answered before count (it asks for what it uses)."""
+        now = self._clock()
+        found = []
+        for node in sorted(self.connected_nodes()):
+            for type_url in sorted(KNOWN):
+                acked = self.acks.acked_versions(node, type_url)
+                nack = self.acks.last_nack(node, type_url)
+                if not acked and nack is None:
+                    continue  # a type this proxy has not asked for (or not answered at all yet)
+                snapshot = self.cache.get(node, type_url)
+                behind = [name for name, r in snapshot.resources.items() if acked.get(name) != r.version]
+                if not behind:
+                    continue
+                changed = self._changed_at.get((node, type_url))
+                if nack is not None and (changed is None or nack.at >= changed):
+                    found.append(f"{node}: rejected its {short_name(type_url)} config: {_printable(nack.error)}")
+                elif changed is not None and now - changed > older_than:
+                    found.append(
+                        f"{node}: has not acknowledged {len(behind)} {short_name(type_url)} resource"
+                        f"{'' if len(behind) == 1 else 's'} changed {format_duration(now - changed)} ago"
+                    )
+        return found
+
     def nodes_serving(self, svid: X509Svid) -> frozenset[str]:
         """Sidecars that acknowledged ``svid`` as their certificate."""
         version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
         return self.acks.nodes_acked(SECRET, tls_secret_name(svid.spiffe_id), version)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A proxy's text for a status line: control characters escaped, cut to ``limit`` characters."""
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 def packed(resources: dict[str, Message]) -> dict[str, Resource]:
