@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError, ProviderRejectedError, RotationError
 from mesh_identity.keys import KeyType
+from mesh_identity.profile import is_ca
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 from mesh_identity.svid import TrustBundle
 
@@ -224,8 +226,40 @@ class CAProvider(abc.ABC):
         """Drop every root but the active one from the bundle; returns the retired roots."""
         raise RotationError(f"provider {self.name!r} does not rotate its root")
 
+    # The operator's explicit step (``mesh-identity ca trust FILE``), for providers that keep a local store of
+    # the upstream roots they trust (cert-manager without a pinned bundle): nothing else may add a root there.
+
+    def trust_roots(self, roots: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+        """Add ``roots`` (each must pass :func:`root_problem`) to the provider's local trust store, durably and
+        audited (a log line naming each fingerprint); returns those that were not trusted yet, in order. A
+        provider without such a store refuses with ProviderRejectedError and changes nothing."""
+        del roots
+        raise ProviderRejectedError(
+            self.name,
+            "this provider keeps no local trust store of upstream roots (its roots come from its own CA state or "
+            "from its upstream): `mesh-identity ca trust` does not apply",
+        )
+
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release connections and background tasks."""
+
+
+def root_problem(cert: x509.Certificate, now: datetime) -> str | None:
+    """Why ``cert`` cannot be added as a trusted root at ``now`` (None when it can): it must be a CA,
+    self-signed (its signature verifies with its own key) and valid now. The text completes "<cert> ..."."""
+    if not is_ca(cert):
+        return "is not a CA (no basicConstraints CA:TRUE)"
+    if cert.issuer != cert.subject:
+        return f"is not self-signed (issued by {cert.issuer.rfc4514_string()!r}): give the root itself"
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return "is not self-signed: its signature does not verify with its own key"
+    if cert.not_valid_after_utc < now:
+        return f"is expired (not after {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+    if cert.not_valid_before_utc > now:
+        return f"is not valid yet (not before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ})"
+    return None
 
 
 ProviderFactory = Callable[[ProviderContext, Mapping[str, Any]], CAProvider]

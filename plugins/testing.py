@@ -22,10 +22,12 @@ import pytest
 from cryptography import x509
 
 from mesh_identity.authority import Authority, AuthoritySettings, workload_csr
+from mesh_identity.errors import ProviderRejectedError
 from mesh_identity.keys import KeyType, generate_key
-from mesh_identity.profile import ca_csr, is_ca
+from mesh_identity.profile import build_root, ca_csr, is_ca
 from mesh_identity.provider import CAProvider, Health, Mode
 from mesh_identity.spiffe import SpiffeId, TrustDomain
+from mesh_identity.svid import fingerprint_of
 from mesh_identity.verify import chain_problem
 
 TRUST_DOMAIN = TrustDomain("example.org")
@@ -87,3 +89,21 @@ class ProviderContract:
         # Expiry is read from the certificate, and never later than asked.
         assert svid.not_after == svid.leaf.not_valid_after_utc
         assert svid.not_after <= datetime.now(UTC) + timedelta(minutes=10, seconds=5)
+
+    def test_trust_roots_adds_a_root_or_says_there_is_no_trust_store(self, provider: CAProvider) -> None:
+        """``mesh-identity ca trust``: a provider with a local trust store adds the root (once) and serves it in
+        its bundle; any other refuses with a ProviderRejectedError and its bundle is unchanged."""
+        before = provider.trust_bundle().fingerprints
+        root = build_root(generate_key(KeyType.ECDSA_P256), self.trust_domain, timedelta(days=1), datetime.now(UTC))
+        refused: ProviderRejectedError | None = None
+        try:
+            added = provider.trust_roots([root])
+        except ProviderRejectedError as err:
+            refused = err
+        if refused is not None:
+            assert str(refused).startswith(f"{provider.name}: ")
+            assert provider.trust_bundle().fingerprints == before
+            return
+        assert added == [root]
+        assert provider.trust_bundle().fingerprints == before | {fingerprint_of(root)}
+        assert provider.trust_roots([root]) == []

@@ -16,7 +16,9 @@ They refine the core's provider errors (``retryable`` tells the rotation engine 
     │   ├── KubeInvalidError              400/409/422: the API server or cert-manager's webhook refused the object
     │   ├── IssuerNotFoundError           the issuerRef names no Issuer/ClusterIssuer
     │   ├── RequestDeniedError            an approver set Denied
-    │   └── TrustBundleError              status.ca empty and no usable configured bundle
+    │   ├── TrustBundleError              no usable trust: status.ca empty and nothing pinned or stored, an
+    │   │                                 unusable pinned bundle or store, a root the operator may not add
+    │   └── UntrustedRootError            the issuer answered with a chain to a root that is not trusted
     └── KubeTlsError                      the TLS handshake with the API server failed (CA, name)
 
 ``kubernetes`` and ``urllib3`` exceptions become one of these in :mod:`providers.cert_manager.kube`, with
@@ -70,7 +72,13 @@ class RequestDeniedError(ProviderRejectedError):
 
 
 class TrustBundleError(ProviderRejectedError):
-    """No trust bundle: ``status.ca`` is empty and no bundle is configured, or the configured one is unusable."""
+    """No usable trust: ``status.ca`` is empty and no root is pinned or stored, the pinned bundle or the stored
+    roots cannot be used, or a root given to ``mesh-identity ca trust`` cannot be added."""
+
+
+class UntrustedRootError(ProviderRejectedError):
+    """The issuer answered with a chain that does not end at a trusted root (the pinned bundle, or the roots
+    trusted on first use or by the operator); nothing of the answer was used or kept."""
 
 
 class KubeTlsError(ProviderError):

@@ -12,7 +12,7 @@ Example::
         kubeconfig: ~/.kube/config    # default: in-cluster when running in a pod, else $KUBECONFIG
         context: prod                 # default: the kubeconfig's current-context
         timeout: 2m                   # wait this long for Ready, Failed or Denied
-        trust_bundle_configmap: cert-manager/mesh-root   # used when the issuer leaves status.ca empty
+        trust_bundle_configmap: cert-manager/mesh-root   # the pinned roots: only these are trusted
 
 How the provider reaches the API server: ``in_cluster: true`` (or no ``kubeconfig`` while running in a pod)
 uses the pod's service account from ``service_account_dir``; otherwise the kubeconfig file (``kubeconfig``,
@@ -73,7 +73,11 @@ OPTIONS = (
     OptionSpec(
         "keep_requests", OptionType.BOOL, "keep finished CertificateRequests instead of deleting them", default=False
     ),
-    OptionSpec("trust_bundle_file", OptionType.PATH, "PEM roots to trust when the issuer leaves status.ca empty"),
+    OptionSpec(
+        "trust_bundle_file",
+        OptionType.PATH,
+        "the pinned PEM roots: every chain must end at one of them (without a pin: trust on first use)",
+    ),
     OptionSpec("trust_bundle_secret", OptionType.STRING, "[namespace/]name of a Secret holding those roots"),
     OptionSpec("trust_bundle_configmap", OptionType.STRING, "[namespace/]name of a ConfigMap holding those roots"),
     OptionSpec("trust_bundle_key", OptionType.STRING, "key of the roots in that Secret or ConfigMap", default="ca.crt"),

@@ -4,9 +4,24 @@ Each signature is one ``CertificateRequest`` (``cert-manager.io/v1``) created fr
 :mod:`providers.cert_manager.request`): in ``intermediate`` mode one per intermediate lifetime (``isCA: true``),
 in ``per-workload`` mode one per SVID. The provider then waits on a *watch* (no polling; one stream shared by
 all its requests, see :mod:`providers.cert_manager.watcher`) until the request is Ready, Failed or Denied, or
-cert-manager reports that the issuer does not exist, or ``timeout`` passes; it
-reads the certificate from ``status.certificate`` and the bundle from ``status.ca`` or, where that is empty,
-from the configured bundle (:mod:`providers.cert_manager.bundle`).
+cert-manager reports that the issuer does not exist, or ``timeout`` passes; it reads the certificate from
+``status.certificate``.
+
+Trust (see :mod:`providers.cert_manager.bundle`): every chain the issuer returns must end at a trusted root,
+or it is refused (:class:`~providers.cert_manager.errors.UntrustedRootError`, naming the request and the
+root's fingerprint) and nothing of it is used or kept. With a pinned bundle (``trust_bundle_file``,
+``trust_bundle_secret`` or ``trust_bundle_configmap``) the trusted roots are those, only. Without one, the
+first root an answer chains to is trusted on first use, with a WARNING naming it and saying how to pin it, and
+stored; no root is added after that except by the operator (``mesh-identity ca trust FILE``,
+:meth:`CertManagerProvider.trust_roots`). ``status.ca`` is never trusted for what it says: it only offers the
+root to trust on first use, and the chain must verify against that root before it is kept.
+
+Issuer isolation: whoever controls the issuer, or can write the status of our CertificateRequests, can answer
+in its name. Pin the bundle, and give the mesh its own issuer: a CA ``Issuer`` in a namespace of its own, or a
+``ClusterIssuer`` whose CA Secret (in cert-manager's cluster resource namespace) only cert-manager can read;
+let an approver policy (cert-manager approver-policy, with cert-manager's default approver disabled) approve
+only our requests, to that issuer, for SPIFFE IDs of the trust domain; and grant ``update``/``patch`` on
+``certificaterequests/status`` to cert-manager alone (in that namespace, nobody else needs it).
 
 Cleanup: a request is deleted as soon as the provider is done with it, whatever the outcome; with
 ``keep_requests`` finished ones (Issued, Failed, Denied) stay for inspection, while timed-out or abandoned ones
@@ -16,7 +31,7 @@ crashed process left pending for longer than twice the timeout.
 
 RBAC the service account needs, in the provider's namespace: ``create``, ``get``, ``list``, ``watch`` and
 ``delete`` on ``certificaterequests.cert-manager.io``; for the health check, ``get`` on the issuer (optional);
-for a bundle in a Secret or ConfigMap, ``get`` on it.
+for a bundle in a Secret or ConfigMap, ``get`` on it. It needs nothing on ``certificaterequests/status``.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,6 +52,7 @@ from mesh_identity.authority import workload_csr
 from mesh_identity.durations import format_duration
 from mesh_identity.errors import ProviderError, ProviderRejectedError
 from mesh_identity.keys import KeyType, generate_key
+from mesh_identity.profile import is_ca
 from mesh_identity.provider import (
     Capabilities,
     CAProvider,
@@ -47,10 +63,12 @@ from mesh_identity.provider import (
     ProviderContext,
     ProviderSpec,
     SignedCertificate,
+    root_problem,
 )
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, fingerprint_of
-from providers.cert_manager.bundle import BundleSource, merge
+from mesh_identity.verify import chain_problem
+from providers.cert_manager.bundle import BundleSource, chain_below, issued_by, self_signed, show
 from providers.cert_manager.errors import (
     IssuerNotFoundError,
     KubeForbiddenError,
@@ -61,6 +79,7 @@ from providers.cert_manager.errors import (
     RequestFailedError,
     RequestTimeoutError,
     TrustBundleError,
+    UntrustedRootError,
 )
 from providers.cert_manager.kube import NAME, JsonObj, KubeApi, connect
 from providers.cert_manager.options import CERT_MANAGER_GROUP, OPTIONS, Settings
@@ -105,6 +124,7 @@ class CertManagerProvider(CAProvider):
         self._undeleted: dict[tuple[str, str], str | None] = {}  # (namespace, name) -> uid
         self._last_success: datetime | None = None
         self._last_failure: tuple[datetime, ProviderError] | None = None
+        self._ignored_cas: set[str] = set()  # fingerprints of untrusted status.ca entries already warned about
         self._sweep()
 
     # -- the contract --------------------------------------------------------------------------------------
@@ -113,15 +133,20 @@ class CertManagerProvider(CAProvider):
         return CAPABILITIES
 
     def trust_bundle(self) -> TrustBundle:
-        """The configured roots and the CAs ``status.ca`` has returned; before any request has returned one,
-        a throwaway request (a short-lived leaf for a key that is discarded at once) learns it."""
-        roots = merge(self.bundles.configured(), self.bundles.learned)
-        if not roots:
+        """The trusted roots: the pinned bundle, else the stored roots. Before any root is stored, a throwaway
+        request (a short-lived leaf for a key that is discarded at once) finds the root to trust on first use."""
+        roots = self.bundles.anchors()
+        if not roots and not self.bundles.pinned:
             self._probe()
-            roots = merge(self.bundles.configured(), self.bundles.learned)
+            roots = self.bundles.anchors()
         if not roots:
             raise TrustBundleError(NAME, self._no_bundle("the bundle probe"))
         return TrustBundle(self.context.trust_domain, roots)
+
+    def trust_roots(self, roots: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+        """The operator's step (``mesh-identity ca trust``): add ``roots`` to the stored roots; refused with a
+        pinned bundle (add them there)."""
+        return self.bundles.add(list(roots), self.context.clock())
 
     def sign_intermediate(self, csr: x509.CertificateSigningRequest, ttl: timedelta) -> SignedCertificate:
         return self._sign(csr, ttl, Purpose.INTERMEDIATE, str(self.context.trust_domain.id))
@@ -161,7 +186,10 @@ class CertManagerProvider(CAProvider):
         )
 
     def limits(self) -> Limits:
-        roots = self.bundles.learned
+        try:
+            roots = self.bundles.anchors()
+        except ProviderError:
+            roots = ()
         return Limits(
             ca_not_after=min((c.not_valid_after_utc for c in roots), default=None),
             notes=("a cert-manager issuer may shorten the requested duration; expiry is read from each certificate",),
@@ -192,13 +220,21 @@ class CertManagerProvider(CAProvider):
         except ProviderError as err:
             checks.append(Check("issuer", False, str(err)))
         try:
-            configured = self.bundles.configured()
-            roots = merge(configured, self.bundles.learned)
-            detail = (
-                f"{len(roots)} root(s) from {self.bundles.describe()}"
-                if roots
-                else "not known yet: learned from status.ca on the first request"
-            )
+            roots = self.bundles.anchors()
+            shown = ", ".join(f"sha256 {fingerprint_of(c)}" for c in roots)
+            if self.bundles.pinned:
+                detail = f"{len(roots)} root(s) pinned by {self.bundles.describe()}: {shown}"
+            elif roots:
+                detail = (
+                    f"{len(roots)} root(s) trusted in {self.bundles.path} (on first use, or by `mesh-identity ca "
+                    f"trust`): {shown}; not pinned: set trust_bundle_file, trust_bundle_secret or "
+                    "trust_bundle_configmap to pin"
+                )
+            else:
+                detail = (
+                    "not pinned, and no root trusted yet: the root of the first answer will be trusted on first "
+                    "use; set trust_bundle_file, trust_bundle_secret or trust_bundle_configmap to pin it"
+                )
             checks.append(Check("trust bundle", True, detail))
         except ProviderError as err:
             checks.append(Check("trust bundle", False, str(err)))
@@ -294,17 +330,9 @@ class CertManagerProvider(CAProvider):
                 NAME, f"{issuer} answered CertificateRequest {name_of(cr)} with {err}"
             ) from None
         now = self.context.clock()
-        if cas:
-            self.bundles.learn(cas, now)
-            roots = tuple(cas)
-        else:
-            roots = self.bundles.configured()
-            if not roots:
-                raise TrustBundleError(NAME, self._no_bundle(f"CertificateRequest {name_of(cr)}"))
+        chain, roots = self._verified(cr, certificates, cas, now)
         leaf = certificates[0]
         bundle = TrustBundle(self.context.trust_domain, roots)
-        in_bundle = bundle.fingerprints
-        chain = tuple(c for c in certificates[1:] if fingerprint_of(c) not in in_bundle and c.issuer != c.subject)
         warnings: list[str] = []
         lifetime = leaf.not_valid_after_utc - max(leaf.not_valid_before_utc, now)
         if lifetime < ttl - SHORTENED_SLACK:
@@ -314,14 +342,106 @@ class CertManagerProvider(CAProvider):
             )
         return SignedCertificate(leaf, chain, bundle, tuple(warnings))
 
+    # -- trust ---------------------------------------------------------------------------------------------
+
+    def _verified(
+        self, cr: JsonObj, certificates: list[x509.Certificate], cas: list[x509.Certificate], now: datetime
+    ) -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+        """The chain of an answer up to a trusted root, and the trusted roots. The chain is verified against
+        the pinned or stored roots, never against the ``status.ca`` of the same answer: that only offers the
+        root to trust on first use. UntrustedRootError, nothing kept, when it ends at another root."""
+        answered = f"{self.settings.issuer} answered CertificateRequest {name_of(cr)}"
+        roots = self.bundles.anchors()
+        if not roots:
+            first = self._first_root(answered, cr, certificates, cas, now)
+            roots = self.bundles.trust_first(first, f"CertificateRequest {name_of(cr)} by {self.settings.issuer}")
+        chain = chain_below(certificates, roots)
+        top = chain[-1] if chain else certificates[0]
+        if not any(issued_by(top, root) for root in roots):
+            raise UntrustedRootError(
+                NAME, f"{answered} with {self._chain_to(top, certificates, cas)}, which is {self._not_trusted(roots)}"
+            )
+        problem = chain_problem(certificates[0], chain, TrustBundle(self.context.trust_domain, roots))
+        if problem is not None:
+            raise ProviderRejectedError(NAME, f"{answered} with a chain that does not verify: {problem}")
+        self._ignore_untrusted_cas(cr, cas, roots)
+        return chain, roots
+
+    def _first_root(
+        self,
+        answered: str,
+        cr: JsonObj,
+        certificates: list[x509.Certificate],
+        cas: list[x509.Certificate],
+        now: datetime,
+    ) -> x509.Certificate:
+        """The root to trust on first use: a valid self-signed CA of ``status.ca`` that the chain verifies to."""
+        if not cas:
+            raise TrustBundleError(NAME, self._no_bundle(f"CertificateRequest {name_of(cr)}"))
+        for ca in cas:
+            if root_problem(ca, now) is None:
+                bundle = TrustBundle(self.context.trust_domain, (ca,))
+                if chain_problem(certificates[0], chain_below(certificates, (ca,)), bundle) is None:
+                    return ca
+        offered = ", ".join(f"{c.subject.rfc4514_string()!r} sha256 {fingerprint_of(c)}" for c in cas)
+        raise UntrustedRootError(
+            NAME,
+            f"{answered} with a chain that no root of its status.ca signs (status.ca: {offered}): nothing to trust "
+            "on first use; refused, nothing trusted. Pin the issuer's root with trust_bundle_file, "
+            "trust_bundle_secret or trust_bundle_configmap, or add it with `mesh-identity ca trust FILE`",
+        )
+
+    @staticmethod
+    def _chain_to(
+        top: x509.Certificate, certificates: list[x509.Certificate], cas: list[x509.Certificate]
+    ) -> str:
+        """The root an untrusted chain leads to, as the answer itself shows it."""
+        for cert in (*cas, *certificates[1:]):
+            if is_ca(cert) and self_signed(cert) and issued_by(top, cert):
+                return f"a chain to root {show(cert)}"
+        return (
+            f"a chain that ends at {top.subject.rfc4514_string()!r}, issued by {top.issuer.rfc4514_string()!r} "
+            "(no root for it in the answer)"
+        )
+
+    def _not_trusted(self, roots: tuple[x509.Certificate, ...]) -> str:
+        if self.bundles.pinned:
+            return f"not in the pinned trust bundle ({self.bundles.describe()}): refused, nothing trusted"
+        trusted = ", ".join(fingerprint_of(c) for c in roots)
+        return (
+            f"not one of the roots trusted in {self.bundles.path} (sha256 {trusted}): refused, nothing trusted. If "
+            "the issuer's root really changed, check the new root out of band and add it with `mesh-identity ca "
+            "trust FILE`"
+        )
+
+    def _ignore_untrusted_cas(
+        self, cr: JsonObj, cas: list[x509.Certificate], roots: tuple[x509.Certificate, ...]
+    ) -> None:
+        """status.ca naming CAs that are not trusted changes nothing, but says something: warn once for each."""
+        trusted = {fingerprint_of(r) for r in roots}
+        with self._lock:
+            fresh = [c for c in cas if fingerprint_of(c) not in trusted and fingerprint_of(c) not in self._ignored_cas]
+            self._ignored_cas.update(fingerprint_of(c) for c in fresh)
+        if fresh:
+            log.warning(
+                "%s: status.ca of CertificateRequest %s names %s, which is not trusted: ignored (the chain verified "
+                "against %s)",
+                NAME,
+                name_of(cr),
+                ", ".join(show(c) for c in fresh),
+                self.bundles.describe(),
+            )
+
     def _no_bundle(self, what: str) -> str:
         return (
-            f"{what} was issued by {self.settings.issuer} with an empty status.ca, and no trust bundle is "
-            "configured: set trust_bundle_file, trust_bundle_secret or trust_bundle_configmap"
+            f"{what} was issued by {self.settings.issuer} with an empty status.ca, and no root is pinned or "
+            "trusted yet: set trust_bundle_file, trust_bundle_secret or trust_bundle_configmap, or add the "
+            "issuer's root with `mesh-identity ca trust FILE`"
         )
 
     def _probe(self) -> None:
-        """Learn ``status.ca`` with a throwaway request: a leaf for a discarded key, valid for an hour."""
+        """Find the root to trust on first use with a throwaway request: a leaf for a discarded key, valid for an
+        hour."""
         probe_id = SpiffeId.parse(f"{self.context.trust_domain.id}/mesh-identity/bundle-probe")
         key = generate_key(KeyType.ECDSA_P256)
         self._sign(workload_csr(key, probe_id), timedelta(hours=1), Purpose.BUNDLE_PROBE, str(probe_id))

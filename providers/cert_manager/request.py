@@ -44,7 +44,7 @@ ANNOTATION_SPIFFE_ID = "mesh-identity.io/spiffe-id"
 class Purpose(enum.StrEnum):
     WORKLOAD = "workload"
     INTERMEDIATE = "intermediate"
-    BUNDLE_PROBE = "bundle-probe"  # a throwaway request whose only use is to learn status.ca
+    BUNDLE_PROBE = "bundle-probe"  # a throwaway request whose only use is to find the root to trust on first use
 
 
 WORKLOAD_USAGES = ("digital signature", "server auth", "client auth")

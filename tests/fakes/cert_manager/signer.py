@@ -11,8 +11,8 @@ It talks to the server only through the real ``kubernetes`` client, as its own u
    message ``Referenced "Issuer" not found: issuer.cert-manager.io "<name>" not found``;
 3. it reads the issuer's CA key pair from the Secret named by ``spec.ca.secretName`` and signs
    ``spec.request`` (:func:`~tests.fakes.cert_manager.issuer.sign`); then sets ``status.certificate`` (leaf
-   plus any intermediate), ``status.ca`` (the root, or nothing for an issuer told to omit it) and
-   ``Ready=True`` reason ``Issued``;
+   plus any intermediate), ``status.ca`` (the root, or nothing for an issuer told to omit it, or a forged CA
+   for an issuer told so by :meth:`CertManagerSigner.forge_status_ca`) and ``Ready=True`` reason ``Issued``;
 4. ``Denied`` ends in ``Ready=False`` reason ``Denied``; a failure in ``Ready=False`` reason ``Failed`` with
    ``status.failureTime``; a stalled request stays ``Ready=False`` reason ``Pending``.
 
@@ -64,6 +64,7 @@ class IssuerSettings:
 
     omit_ca: bool = False  # leave status.ca empty (as ACME and several external issuers do)
     max_duration: dt.timedelta | None = None  # shorten longer requests, as a CA's policy may
+    forged_ca: x509.Certificate | None = None  # status.ca holds this instead (someone who can write status)
 
 
 @dataclass
@@ -165,6 +166,32 @@ class CertManagerSigner:
         self._issuers[(kind, namespace or "", name)] = IssuerSettings(omit_ca, max_duration)
         self._ca_cache[(kind, namespace or "", name)] = ca
         self.resync()
+
+    def replace_issuer_ca(self, name: str, ca: TestCa, *, namespace: str | None = None) -> None:
+        """Give an existing CA issuer another key pair, as whoever controls the issuer (or can write its
+        Secret) can: its Secret is patched through the API, and later requests are signed under ``ca``."""
+        kind = "Issuer" if namespace else "ClusterIssuer"
+        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [ca.certificate, *ca.chain[1:]])
+        self.core.patch_namespaced_secret(
+            f"{name}-ca-key-pair",
+            namespace or CLUSTER_RESOURCE_NAMESPACE,
+            {
+                "data": {
+                    "tls.crt": base64.b64encode(chain_pem).decode(),
+                    "tls.key": base64.b64encode(ca.key_pem()).decode(),
+                    "ca.crt": base64.b64encode(ca.root.pem()).decode(),
+                }
+            },
+        )
+        self._ca_cache[(kind, namespace or "", name)] = ca
+
+    def forge_status_ca(self, name: str, forged: x509.Certificate | None, *, namespace: str | None = None) -> None:
+        """From now on ``status.ca`` of the issuer's requests holds ``forged`` (None: the truth again), as
+        anyone allowed to write CertificateRequest status could make it; ``status.certificate`` stays
+        the issuer's."""
+        key = ("Issuer" if namespace else "ClusterIssuer", namespace or "", name)
+        settings = self._issuers.setdefault(key, IssuerSettings())
+        settings.forged_ca = forged
 
     def resync(self) -> None:
         """Reconcile every unfinished request again (cert-manager re-syncs periodically)."""
@@ -291,7 +318,9 @@ class CertManagerSigner:
             return
         certificate_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [leaf, *ca.chain])
         status_update: JsonObj = {"certificate": base64.b64encode(certificate_pem).decode()}
-        if not settings.omit_ca:
+        if settings.forged_ca is not None:
+            status_update["ca"] = base64.b64encode(settings.forged_ca.public_bytes(serialization.Encoding.PEM)).decode()
+        elif not settings.omit_ca:
             status_update["ca"] = base64.b64encode(ca.root.pem()).decode()
         self._set(cr, "Ready", "True", "Issued", "Certificate fetched from issuer successfully", status_update)
         self._record(cr, "Issued")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import subprocess
 import threading
@@ -19,9 +20,9 @@ from mesh_identity.authority import Authority, AuthoritySettings, workload_csr
 from mesh_identity.errors import ConfigError, ProviderError, ProviderRejectedError
 from mesh_identity.keys import KeyType, generate_key
 from mesh_identity.profile import ca_csr
-from mesh_identity.provider import Mode, ProviderContext
+from mesh_identity.provider import Mode, ProviderContext, SignedCertificate
 from mesh_identity.spiffe import SpiffeId, TrustDomain
-from mesh_identity.svid import X509Svid, cert_pem, certs_pem
+from mesh_identity.svid import X509Svid, cert_pem, certs_pem, fingerprint_of
 from mesh_identity.verify import chain_problem
 from plugins.manager import Plugins
 from plugins.testing import ProviderContract
@@ -361,7 +362,11 @@ def test_empty_status_ca_uses_the_configured_bundle(
 
 
 def test_empty_status_ca_without_a_configured_bundle_fails(
-    kube_server: KubeServer, cert_manager_signer: CertManagerSigner, make_provider: MakeProvider, root: TestCa
+    kube_server: KubeServer,
+    cert_manager_signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    tmp_path: Path,
 ) -> None:
     cert_manager_signer.add_ca_issuer("acme-like", root, namespace=NS, omit_ca=True)
     provider = make_provider(issuer_name="acme-like")
@@ -369,9 +374,11 @@ def test_empty_status_ca_without_a_configured_bundle_fails(
         provider.trust_bundle()
     assert normalised(str(info.value)) == (
         "cert-manager: CertificateRequest mesh-identity/mesh-identity-xxxxx was issued by Issuer "
-        "mesh-identity/acme-like with an empty status.ca, and no trust bundle is configured: set trust_bundle_file, "
-        "trust_bundle_secret or trust_bundle_configmap"
+        "mesh-identity/acme-like with an empty status.ca, and no root is pinned or trusted yet: set "
+        "trust_bundle_file, trust_bundle_secret or trust_bundle_configmap, or add the issuer's root with "
+        "`mesh-identity ca trust FILE`"
     )
+    assert not (tmp_path / "state" / "cert-manager" / "ca.pem").exists()
     assert requests_left(kube_server) == []
 
 
@@ -419,6 +426,269 @@ def test_unusable_configured_bundle(
     with pytest.raises(error) as info:
         provider.trust_bundle()
     assert str(info.value) == message
+
+
+# --------------------------------------------------------------- trust: pinned bundle, first use, the operator
+
+
+def _fp(cert: x509.Certificate) -> str:
+    return fingerprint_of(cert)
+
+
+def _sign(provider: CertManagerProvider, mode: Mode) -> SignedCertificate:
+    key = generate_key(KeyType.ECDSA_P256)
+    if mode is Mode.INTERMEDIATE:
+        return provider.sign_intermediate(ca_csr(key, TD, "test"), timedelta(hours=1))
+    return provider.sign_workload(workload_csr(key, WEB), WEB, timedelta(minutes=5))
+
+
+@pytest.fixture(scope="module")
+def rogue() -> TestCa:
+    return TestCa.create("rogue root", lifetime=timedelta(days=30))
+
+
+def _stored(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "cert-manager" / "ca.pem"
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_pinned_bundle_refuses_a_chain_to_an_unknown_root(
+    kube_server: KubeServer,
+    cert_manager_signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+    mode: Mode,
+) -> None:
+    """Whoever controls the configured issuer answers under a root of their own: with a pinned bundle, that is
+    refused, whatever status.ca says (here it names the rogue root, consistently)."""
+    cert_manager_signer.add_ca_issuer("rogue", rogue, namespace=NS)
+    provider = make_provider(mode, issuer_name="rogue", **_bundle_in_file(kube_server, root, tmp_path))
+    with pytest.raises(ProviderRejectedError) as info:
+        _sign(provider, mode)
+    assert info.value.retryable is False
+    assert normalised(str(info.value)) == (
+        "cert-manager: Issuer mesh-identity/rogue answered CertificateRequest mesh-identity/mesh-identity-xxxxx with "
+        f"a chain to root 'CN=rogue root' (sha256 {_fp(rogue.certificate)}), which is not in the pinned trust bundle "
+        f"(file {tmp_path / 'bundle.pem'}): refused, nothing trusted"
+    )
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    assert not _stored(tmp_path).exists()
+    assert requests_left(kube_server) == []
+
+
+def test_pinned_bundle_ignores_a_forged_status_ca(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Someone who can write CertificateRequest status puts their root in status.ca: with a pinned bundle it is
+    neither used to verify nor kept; the chain verifies against the pinned root and the bundle stays the pinned
+    one."""
+    caplog.set_level(logging.WARNING, logger="providers.cert_manager")
+    signer.forge_status_ca("mesh-ca", rogue.certificate, namespace=NS)
+    provider = make_provider(Mode.PER_WORKLOAD, **_bundle_in_file(kube_server, root, tmp_path))
+    for _ in range(2):
+        signed = _sign(provider, Mode.PER_WORKLOAD)
+        assert signed.bundle.authorities == (root.certificate,)
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    assert not _stored(tmp_path).exists()
+    assert [normalised(r.getMessage()) for r in caplog.records] == [  # once, not at every request
+        "cert-manager: status.ca of CertificateRequest mesh-identity/mesh-identity-xxxxx names 'CN=rogue root' "
+        f"(sha256 {_fp(rogue.certificate)}), which is not trusted: ignored (the chain verified against file "
+        f"{tmp_path / 'bundle.pem'})"
+    ]
+
+
+def test_trust_on_first_use_is_loud_and_kept_private(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="providers.cert_manager")
+    provider = make_provider()
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    [warning] = [r for r in caplog.records if "TRUST ON FIRST USE" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert normalised(warning.getMessage()) == (
+        "cert-manager: TRUST ON FIRST USE: no trust bundle is pinned, so root 'CN=cert-manager test root' (sha256 "
+        f"{_fp(root.certificate)}), named in status.ca of CertificateRequest mesh-identity/mesh-identity-xxxxx by "
+        f"Issuer mesh-identity/mesh-ca, is now the mesh's trust anchor (kept in {_stored(tmp_path)}); no other root "
+        "will be trusted without `mesh-identity ca trust FILE`. Check this fingerprint against the issuer's CA, then "
+        "pin it: set ca.provider_options.trust_bundle_file (or trust_bundle_secret, trust_bundle_configmap)"
+    )
+    assert _stored(tmp_path).read_bytes() == root.pem()
+    assert _stored(tmp_path).stat().st_mode & 0o777 == 0o600
+    assert _stored(tmp_path).parent.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in _stored(tmp_path).parent.iterdir() if p.name != "ca.pem"]  # no temp file left
+    caplog.clear()
+    make_provider().trust_bundle()  # a restart trusts what was stored: no second first use
+    assert not [r for r in caplog.records if "TRUST ON FIRST USE" in r.getMessage()]
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_after_first_use_a_chain_to_an_unknown_root_is_refused(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+    mode: Mode,
+) -> None:
+    provider = make_provider(mode)
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    stored = _stored(tmp_path).read_bytes()
+    signer.replace_issuer_ca("mesh-ca", rogue, namespace=NS)  # whoever controls the issuer changes its CA
+    expected = (
+        "cert-manager: Issuer mesh-identity/mesh-ca answered CertificateRequest mesh-identity/mesh-identity-xxxxx "
+        f"with a chain to root 'CN=rogue root' (sha256 {_fp(rogue.certificate)}), which is not one of the roots "
+        f"trusted in {_stored(tmp_path)} (sha256 {_fp(root.certificate)}): refused, nothing trusted. If the "
+        "issuer's root really changed, check the new root out of band and add it with `mesh-identity ca trust FILE`"
+    )
+    for current in (provider, make_provider(mode)):  # the running provider, and one started afresh
+        with pytest.raises(ProviderRejectedError) as info:
+            _sign(current, mode)
+        assert normalised(str(info.value)) == expected
+        assert current.trust_bundle().authorities == (root.certificate,)
+    assert _stored(tmp_path).read_bytes() == stored
+    assert requests_left(kube_server) == []
+
+
+def test_a_forged_status_ca_is_never_trusted(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+) -> None:
+    """status.ca is what the issuer *says* its CA is; the chain is checked against the trusted roots, not
+    against the status.ca of the same request."""
+    signer.forge_status_ca("mesh-ca", rogue.certificate, namespace=NS)
+    provider = make_provider(Mode.PER_WORKLOAD)
+    # first use: the forged CA does not sign the chain, so there is nothing to trust on first use
+    with pytest.raises(ProviderRejectedError) as info:
+        provider.trust_bundle()
+    assert normalised(str(info.value)) == (
+        "cert-manager: Issuer mesh-identity/mesh-ca answered CertificateRequest mesh-identity/mesh-identity-xxxxx "
+        "with a chain that no root of its status.ca signs (status.ca: 'CN=rogue root' sha256 "
+        f"{_fp(rogue.certificate)}): nothing to trust on first use; refused, nothing trusted. Pin the issuer's root "
+        "with trust_bundle_file, trust_bundle_secret or trust_bundle_configmap, or add it with `mesh-identity ca "
+        "trust FILE`"
+    )
+    assert not _stored(tmp_path).exists()
+    # after first use: a forged status.ca changes nothing
+    signer.forge_status_ca("mesh-ca", None, namespace=NS)
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    signer.forge_status_ca("mesh-ca", rogue.certificate, namespace=NS)
+    signed = _sign(provider, Mode.PER_WORKLOAD)
+    assert signed.bundle.authorities == (root.certificate,)
+    assert provider.trust_bundle().authorities == (root.certificate,)
+    assert _stored(tmp_path).read_bytes() == root.pem()
+
+
+def test_stored_roots_are_tightened_and_a_damaged_store_is_not_trusted_again(
+    kube_server: KubeServer, signer: CertManagerSigner, make_provider: MakeProvider, root: TestCa, tmp_path: Path
+) -> None:
+    stored = _stored(tmp_path)
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(root.pem())
+    stored.chmod(0o644)  # as earlier versions wrote it
+    assert make_provider().trust_bundle().authorities == (root.certificate,)
+    assert stored.stat().st_mode & 0o777 == 0o600
+    stored.write_bytes(b"junk")
+    with pytest.raises(TrustBundleError) as info:
+        make_provider().trust_bundle()
+    assert str(info.value) == (
+        f"cert-manager: the roots trusted in {stored} cannot be read (it does not hold valid PEM certificates): fix "
+        "the file, or delete it to trust the issuer's root on first use again"
+    )
+    assert stored.read_bytes() == b"junk"
+    assert [r for r in kube_server.requests if r.verb == "create" and r.resource == "certificaterequests"] == []
+
+
+def test_trust_roots_is_the_operators_step(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="providers.cert_manager")
+    running = make_provider(Mode.PER_WORKLOAD)
+    assert running.trust_bundle().authorities == (root.certificate,)
+    signer.replace_issuer_ca("mesh-ca", rogue, namespace=NS)  # the issuer's root really changes
+    with pytest.raises(ProviderRejectedError):
+        _sign(running, Mode.PER_WORKLOAD)
+    operator = make_provider(Mode.PER_WORKLOAD)  # `mesh-identity ca trust` builds its own provider
+    assert operator.trust_roots([rogue.certificate, root.certificate]) == [rogue.certificate]
+    assert operator.trust_roots([rogue.certificate]) == []
+    assert [r.getMessage() for r in caplog.records if "operator" in r.getMessage()] == [
+        f"cert-manager: the operator trusted root 'CN=rogue root' (sha256 {_fp(rogue.certificate)}): added to "
+        f"{_stored(tmp_path)}"
+    ]
+    assert _stored(tmp_path).stat().st_mode & 0o777 == 0o600
+    # the running provider reads the change: no restart needed
+    signed = _sign(running, Mode.PER_WORKLOAD)
+    assert signed.bundle.authorities == (root.certificate, rogue.certificate)
+    assert running.trust_bundle().authorities == (root.certificate, rogue.certificate)
+    assert {c.name: (c.ok, c.detail) for c in running.doctor()}["trust bundle"] == (
+        True,
+        f"2 root(s) trusted in {_stored(tmp_path)} (on first use, or by `mesh-identity ca trust`): sha256 "
+        f"{_fp(root.certificate)}, sha256 {_fp(rogue.certificate)}; not pinned: set trust_bundle_file, "
+        "trust_bundle_secret or trust_bundle_configmap to pin",
+    )
+
+
+def test_trust_roots_before_first_use_means_no_first_use(
+    kube_server: KubeServer,
+    signer: CertManagerSigner,
+    make_provider: MakeProvider,
+    root: TestCa,
+    rogue: TestCa,
+    tmp_path: Path,
+) -> None:
+    provider = make_provider()
+    assert provider.trust_roots([rogue.certificate]) == [rogue.certificate]
+    with pytest.raises(ProviderRejectedError):  # the issuer's real root was never trusted: refused, not learned
+        _sign(provider, Mode.INTERMEDIATE)
+    assert provider.trust_bundle().authorities == (rogue.certificate,)
+
+
+def test_trust_roots_refuses_with_a_pinned_bundle_and_checks_what_it_is_given(
+    kube_server: KubeServer, signer: CertManagerSigner, make_provider: MakeProvider, root: TestCa, tmp_path: Path
+) -> None:
+    pinned = make_provider(**_bundle_in_file(kube_server, root, tmp_path))
+    assert {c.name: (c.ok, c.detail) for c in pinned.doctor()}["trust bundle"] == (
+        True,
+        f"1 root(s) pinned by file {tmp_path / 'bundle.pem'}: sha256 {_fp(root.certificate)}",
+    )
+    with pytest.raises(ProviderRejectedError) as info:
+        pinned.trust_roots([TestCa.create("new root").certificate])
+    assert str(info.value) == (
+        f"cert-manager: the trust bundle is pinned (file {tmp_path / 'bundle.pem'}): add the root there; "
+        "`mesh-identity ca trust` only adds to the roots the provider keeps without a pinned bundle"
+    )
+    provider = make_provider()
+    intermediate = TestCa.create("an intermediate", parent=root)
+    with pytest.raises(ProviderRejectedError) as info:
+        provider.trust_roots([intermediate.certificate])
+    assert str(info.value) == (
+        f"cert-manager: cannot trust 'CN=an intermediate' (sha256 {_fp(intermediate.certificate)}): it is not "
+        "self-signed (issued by 'CN=cert-manager test root'): give the root itself"
+    )
+    assert not _stored(tmp_path).exists()
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -933,7 +1203,11 @@ def test_doctor(kube_server: KubeServer, signer: CertManagerSigner, make_provide
         ),
         "certificaterequests": (True, "can list them in namespace mesh-identity"),
         "issuer": (False, "Issuer mesh-identity/gone does not exist"),
-        "trust bundle": (True, "not known yet: learned from status.ca on the first request"),
+        "trust bundle": (
+            True,
+            "not pinned, and no root trusted yet: the root of the first answer will be trusted on first use; set "
+            "trust_bundle_file, trust_bundle_secret or trust_bundle_configmap to pin it",
+        ),
     }
 
 
