@@ -2,7 +2,8 @@
 
 In ``intermediate`` mode it holds an intermediate CA that the provider signed and signs workloads locally;
 in ``per-workload`` mode every SVID is signed by the provider from a CSR. Either way, whatever the provider
-returns is checked (CA flags, key, SAN, chain to the bundle) and expiry is read from the certificate.
+returns is checked (CA flags, key, SAN: a leaf carries exactly its SPIFFE ID and no other name, chain to the
+bundle) and expiry is read from the certificate.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from mesh_identity.profile import (
     is_ca,
     load_csr,
     same_key,
+    svid_san_problem,
 )
 from mesh_identity.provider import CAProvider, Mode, SignedCertificate
 from mesh_identity.spiffe import SpiffeId, TrustDomain
-from mesh_identity.svid import TrustBundle, X509Svid, certs_pem, fingerprint_of, serial_of, spiffe_ids_of
+from mesh_identity.svid import TrustBundle, X509Svid, certs_pem, fingerprint_of, serial_of
 from mesh_identity.verify import chain_problem
 
 log = logging.getLogger(__name__)
@@ -254,10 +256,13 @@ class Authority:
             raise ProviderRejectedError(name, f"returned a CA certificate for workload {spiffe_id}")
         if not same_key(leaf, public_key):
             raise ProviderRejectedError(name, f"returned a certificate for another key than {spiffe_id}'s")
-        ids = spiffe_ids_of(leaf)
-        if ids != (spiffe_id,):
-            shown = ", ".join(str(i) for i in ids) or "none"
-            raise ProviderRejectedError(name, f"returned a certificate with SPIFFE IDs [{shown}], expected {spiffe_id}")
+        san_problem = svid_san_problem(leaf, spiffe_id)
+        if san_problem is not None:
+            raise ProviderRejectedError(
+                name,
+                f"returned a certificate for {spiffe_id} with {san_problem}; an X.509-SVID has exactly one SAN, "
+                f"the URI {spiffe_id}",
+            )
         bundle = self._checked_bundle(signed.bundle)
         problem = chain_problem(leaf, signed.chain, bundle, self.clock())
         if problem is not None:

@@ -1,8 +1,8 @@
 """Certificate profiles: roots, intermediates and X.509-SVID leaves, and the CSR checks.
 
-Leaf profile (SPIFFE X509-SVID spec, section 4): exactly one URI SAN, BasicConstraints CA:false (critical),
-KeyUsage digitalSignature (+keyEncipherment for RSA) (critical), EKU serverAuth+clientAuth, SKI/AKI,
-a 128-bit random serial, NotBefore backdated for clock skew, NotAfter never past the issuer's NotAfter.
+Leaf profile (SPIFFE X509-SVID spec, section 4): exactly one SAN, the URI of the SPIFFE ID, BasicConstraints
+CA:false (critical), KeyUsage digitalSignature (+keyEncipherment for RSA) (critical), EKU serverAuth+clientAuth,
+SKI/AKI, a 128-bit random serial, NotBefore backdated for clock skew, NotAfter never past the issuer's NotAfter.
 """
 
 from __future__ import annotations
@@ -183,6 +183,49 @@ def check_workload_csr(csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId)
         raise CsrError(f"CSR asks for SANs other than the SPIFFE ID ({', '.join(kinds)}); only {spiffe_id} is allowed")
     if uris != [str(spiffe_id)]:
         raise CsrError(f"CSR asks for URI SANs {uris}; only {spiffe_id} is allowed")
+
+
+def _general_name(name: x509.GeneralName) -> str:
+    """A SAN as an operator reads it: ``DNS SAN web.default.svc``, ``IP SAN 10.0.0.7``."""
+    match name:
+        case x509.DNSName():
+            return f"DNS SAN {name.value}"
+        case x509.IPAddress():
+            return f"IP SAN {name.value}"
+        case x509.RFC822Name():
+            return f"email SAN {name.value}"
+        case x509.DirectoryName():
+            return f"directory name SAN {name.value.rfc4514_string()}"
+        case x509.RegisteredID():
+            return f"registered ID SAN {name.value.dotted_string}"
+        case x509.OtherName():
+            return f"other-name SAN {name.type_id.dotted_string}"
+    return f"{type(name).__name__} SAN"
+
+
+def svid_san_problem(cert: x509.Certificate, spiffe_id: SpiffeId) -> str | None:
+    """What is wrong with the SANs of a leaf meant to be the X.509-SVID of ``spiffe_id`` (None when nothing).
+
+    An X.509-SVID has exactly one SAN: the URI ``spiffe_id``. Anything else an upstream CA put there (an https
+    URI beside the SPIFFE ID, DNS names, wildcards, IP addresses, e-mail addresses) would let the key holder
+    be taken for more than one identity by a peer that checks those, so the leaf is refused, not trimmed.
+    The text completes "a certificate for <id> with ...".
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "no subjectAltName"
+    except ValueError:
+        return "a malformed subjectAltName"
+    names = list(san)
+    if names == [x509.UniformResourceIdentifier(str(spiffe_id))]:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    parts = [
+        "no URI SAN" if not uris else f"URI SAN {uris[0]}" if len(uris) == 1 else f"URI SANs [{', '.join(uris)}]",
+        *(_general_name(n) for n in names if not isinstance(n, x509.UniformResourceIdentifier)),
+    ]
+    return "; ".join(parts)
 
 
 class LeafSigner:

@@ -1,5 +1,5 @@
-"""The hvac client with our TLS settings, the translation of hvac and requests errors into ours, and the
-non-PKI calls (health, token lookup and renewal, logins) as typed methods.
+"""The hvac client with our TLS settings and redirect rule (same origin only), the translation of hvac and
+requests errors into ours, and the non-PKI calls (health, token lookup and renewal, logins) as typed methods.
 
 This module and :mod:`providers.vault.pki` are the only places that touch hvac; nothing hvac-shaped (its
 exceptions, its untyped dicts) leaves them.
@@ -17,7 +17,7 @@ import hvac.exceptions
 import requests
 import requests.adapters
 
-from mesh_identity.errors import ProviderError
+from mesh_identity.errors import ProviderError, ProviderRejectedError
 from providers.vault.errors import (
     VaultPermissionDeniedError,
     VaultRequestError,
@@ -45,9 +45,60 @@ class ServerNameAdapter(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
+class VaultRedirectError(ProviderRejectedError):
+    """Vault redirected to another origin, or from https to http: not followed, the token stays home.
+    (A configuration problem: ``retryable`` is False.)"""
+
+    def __init__(self, provider: str, message: str, *, target: str) -> None:
+        super().__init__(provider, message)
+        self.target = target
+
+
+class RedirectRefused(requests.exceptions.RequestException):
+    """Raised inside requests' redirect handling, before the next request is sent; :meth:`Connection.call`
+    turns it into a :class:`VaultRedirectError`."""
+
+    def __init__(self, source: str, target: str, reason: str) -> None:
+        super().__init__(f"refused a redirect from {source} to {target}: {reason}")
+        self.source = source
+        self.target = target
+        self.reason = reason
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port made explicit: what must not change on a redirect."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+class SameOriginSession(requests.Session):
+    """A requests session that follows a redirect only within the origin of ``address`` (Vault's own
+    standby forwarding to a path on the same address). Any other redirect, and any from https to http, is
+    refused before the next request is prepared to go out, so neither the ``X-Vault-Token`` header nor a
+    login's body (a 307 keeps both) reaches another server. requests would only drop ``Authorization``."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        source, target = response.url, prepared_request.url or ""
+        if origin(source)[0] == "https" and origin(target)[0] != "https":
+            raise RedirectRefused(source, target, "from https to plain http")
+        if origin(target) != origin(self.address) or origin(target) != origin(source):
+            raise RedirectRefused(source, target, "another origin")
+        super().rebuild_auth(prepared_request, response)
+
+
 def build_client(settings: VaultSettings) -> hvac.Client:
-    """An hvac client for ``settings``: verification always on (the system CAs unless ``ca_cert``)."""
-    session = requests.Session()
+    """An hvac client for ``settings``: verification always on (the system CAs unless ``ca_cert``), redirects
+    followed only within Vault's address (:class:`SameOriginSession`)."""
+    session = SameOriginSession(settings.address)
     session.verify = str(settings.ca_cert) if settings.ca_cert else True
     if settings.client_cert and settings.client_key:
         session.cert = (str(settings.client_cert), str(settings.client_key))
@@ -146,6 +197,13 @@ class Connection:
             return function()
         except hvac.exceptions.VaultError as err:
             raise self.translate(what, err) from err
+        except RedirectRefused as err:
+            raise VaultRedirectError(
+                NAME,
+                f"{what}: Vault at {self.settings.address} redirected to {err.target}, {err.reason}; refusing to "
+                "follow (the token goes only to the configured address: set address to the node that answers)",
+                target=err.target,
+            ) from err
         except requests.exceptions.SSLError as err:
             raise VaultTlsError(
                 NAME,

@@ -6,7 +6,10 @@ a root rotation. The server owns that: every bootstrap directory written for a n
 ``<state_dir>/sidecars/<node>``, either as the directory itself or as a symbolic link to where
 ``mesh-identity bootstrap --out DIR`` wrote it. ``mesh-identity serve`` renews the certificate of every
 registered sidecar of an identity whenever that identity rotates, and the trust bundle of all of them whenever
-the bundle changes. A sidecar that is not registered (its directory moved or deleted) is skipped.
+the bundle changes. A sidecar that is not registered (its directory moved or deleted) is skipped. Renewal
+resolves the registry link to the bootstrap directory; from there it follows no link (not the directory itself,
+not its ``sds/``, not a file) and writes only where the server's uid owns (:mod:`xds_sds.resources.bootstrap`).
+A sidecar whose directory was tampered with is logged and skipped; the others are renewed.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class SidecarDirs:
         directory = out_dir if out_dir is not None else self.default_dir(node)
         if out_dir is None:
             ensure_private_dir(directory)
+        # The operator named this directory: a link there is followed once, here; below it nothing is.
+        directory = directory.resolve()
         files = write_bootstrap(
             svid, directory, node=node, cluster=cluster, xds=xds, server_identity=server_identity,
             admin=admin, delta=delta,

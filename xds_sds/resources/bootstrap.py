@@ -6,6 +6,13 @@ JSON files in ``<out>/sds/``, each a discovery response with one secret, watched
 (:func:`renew_bootstrap`) writes a new file next to the old one and renames it over it, which Envoy's
 directory watch picks up: no restart, and never a half-written certificate.
 
+The server renews these files in directories others may write to (the sidecar's operator, or its user), so it
+writes them relative to open directory descriptors without following a symbolic link (``out_dir`` itself, its
+``sds/``, the files), and only into a directory and over files its own uid owns
+(:func:`mesh_identity.files.owned_dir`, :func:`~mesh_identity.files.write_private_at`): a swapped ``sds/``
+link cannot make it write a certificate and key elsewhere. ``out_dir`` is taken as given; a caller that
+accepts a link there (``bootstrap --out LINK``) resolves it first.
+
 Layout of ``out_dir``::
 
     envoy.json            the bootstrap (pass it to envoy -c)
@@ -15,6 +22,7 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +37,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import duration_pb2, json_format
 
-from mesh_identity.files import write_private
+from mesh_identity.files import owned_dir, write_private_at
 from mesh_identity.mesh.model import Address
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid
@@ -87,9 +95,7 @@ def write_bootstrap(
     if admin.host not in ("127.0.0.1", "::1"):
         raise ValueError(f"the Envoy admin must listen on loopback, not {admin.host}")
     files = files_in(out_dir)
-    files.certificate.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    renew_bootstrap(svid, out_dir)
-    write_private(files.bundle, _secrets_file(_bundle_secret(svid.bundle)), mode=0o644)
+    out_dir.mkdir(parents=True, exist_ok=True)
     document = bootstrap(
         files,
         node=node,
@@ -100,12 +106,36 @@ def write_bootstrap(
         delta=delta,
         max_connections=max_connections,
     )
-    write_private(files.bootstrap, json_format.MessageToJson(document, indent=2).encode(), mode=0o644)
+    with owned_dir(out_dir) as top:
+        with _sds(out_dir, top, create=True) as sds:
+            _write_certificate(sds, svid, files)
+            _write_bundle(sds, svid.bundle, files)
+        write_private_at(
+            top, BOOTSTRAP_FILE, json_format.MessageToJson(document, indent=2).encode(), 0o644,
+            shown=str(files.bootstrap),
+        )  # fmt: skip
     return files
 
 
 def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
-    """Replace the bootstrap certificate (Envoy reloads it without a restart)."""
+    """Replace the bootstrap certificate (Envoy reloads it without a restart). Written without following a
+    link and only where this uid owns (see the module docstring); :class:`~mesh_identity.files.UnsafePathError`
+    otherwise."""
+    with owned_dir(out_dir) as top, _sds(out_dir, top) as sds:
+        _write_certificate(sds, svid, files_in(out_dir))
+
+
+def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> None:
+    """Replace the bundle that verifies the xDS server (root rotation), as :func:`renew_bootstrap` does."""
+    with owned_dir(out_dir) as top, _sds(out_dir, top) as sds:
+        _write_bundle(sds, bundle, files_in(out_dir))
+
+
+def _sds(out_dir: Path, top: int, *, create: bool = False) -> contextlib.AbstractContextManager[int]:
+    return owned_dir(SDS_DIR, dir_fd=top, create=create, shown=str(out_dir / SDS_DIR))
+
+
+def _write_certificate(sds: int, svid: X509Svid, files: BootstrapFiles) -> None:
     secret = secret_pb2.Secret(
         name=CERT_SECRET_NAME,
         tls_certificate=common_pb2.TlsCertificate(
@@ -113,12 +143,11 @@ def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
             private_key=base_pb2.DataSource(inline_bytes=svid.key_pem()),
         ),
     )
-    write_private(files_in(out_dir).certificate, _secrets_file(secret), mode=0o600)
+    write_private_at(sds, CERT_FILE, _secrets_file(secret), 0o600, shown=str(files.certificate))
 
 
-def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> None:
-    """Replace the bundle that verifies the xDS server (root rotation)."""
-    write_private(files_in(out_dir).bundle, _secrets_file(_bundle_secret(bundle)), mode=0o644)
+def _write_bundle(sds: int, bundle: TrustBundle, files: BootstrapFiles) -> None:
+    write_private_at(sds, BUNDLE_FILE, _secrets_file(_bundle_secret(bundle)), 0o644, shown=str(files.bundle))
 
 
 def bootstrap(
