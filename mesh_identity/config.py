@@ -64,6 +64,7 @@ class Config:
     metrics_listen: ListenConfig | None = None
     xds_listen: ListenConfig | None = None
     xds_ack_timeout: timedelta = timedelta(minutes=1)
+    admin_beyond_loopback: bool = False
     mesh_file: Path | None = None
     plugins: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
@@ -136,7 +137,7 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "provider_options": _mapping,
 }
 _TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities")
-_SECTION_FIELDS = {"metrics": ("listen",), "xds": ("listen", "ack_timeout")}
+_SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("listen", "ack_timeout")}
 
 
 def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
@@ -197,6 +198,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         raw = sections[section] = _mapping(data.get(section), section)
         _reject_unknown(raw, fields, f"{section}.")
         listens[section] = _listen(raw["listen"], f"{section}.listen") if "listen" in raw else None
+    beyond = sections["metrics"].get("admin_beyond_loopback", False)
+    if not isinstance(beyond, bool):
+        raise ConfigError(f"metrics.admin_beyond_loopback: {beyond!r} is not true or false")
     ack_timeout = _duration(sections["xds"].get("ack_timeout", "1m"), "xds.ack_timeout")
     if ack_timeout <= timedelta(0):
         raise ConfigError(f"xds.ack_timeout: {sections['xds']['ack_timeout']!r} is not a positive duration")
@@ -208,6 +212,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         metrics_listen=listens["metrics"],
         xds_listen=listens["xds"],
         xds_ack_timeout=ack_timeout,
+        admin_beyond_loopback=beyond,
         mesh_file=mesh_file,
         plugins=_mapping(data.get("plugins"), "plugins"),
         source=source,

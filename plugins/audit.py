@@ -8,6 +8,10 @@ Settings (``plugins.audit`` in the config)::
         enabled: true
 
 Lines hold who, what, which identity, serial and fingerprint; never key material or tokens (events carry none).
+
+The log is 0600 (tightened if it exists with looser bits). Directories of its path that do not exist are
+created 0700; directories that exist are left as they are (``path: /var/log/mesh-identity.jsonl`` does not
+touch ``/var/log``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, Event, RotationFailed
-from mesh_identity.files import ensure_private_dir
 from plugins import hookimpl
 
 
@@ -46,10 +49,28 @@ class AuditLog:
         record = {"event": type(event).__name__, **dataclasses.asdict(event)}
         line = json.dumps(record, default=_plain, sort_keys=True)
         with self._lock:
-            ensure_private_dir(self.path.parent)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            _make_missing_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "a", encoding="utf-8") as handle:
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
                 handle.write(line + "\n")
+
+
+def _make_missing_dirs(directory: Path) -> None:
+    """Create the directories of ``directory`` that do not exist, each 0700; leave the existing ones alone."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by someone else: theirs, not ours to tighten
+            continue
+        path.chmod(0o700)  # whatever the umask
 
 
 def _plain(value: object) -> str:

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh_identity.cli import bootstrap, certs, doctor, serve, status
+from mesh_identity.cli import bootstrap, certs, doctor, serve, status, trust
 from mesh_identity.demo import command as demo
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError, MeshIdentityError
 
@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (certs, serve, status, doctor, bootstrap, demo):
         module.add_parsers(sub, common)
+    ca = sub.add_parser("ca", help="the CA: status, root rotation and trusted roots")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    status.add_ca_parsers(ca_sub, common)
+    trust.add_ca_parsers(ca_sub, common)
     return parser
 
 

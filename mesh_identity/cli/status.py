@@ -14,7 +14,8 @@ from mesh_identity.cli.common import build_for, config_of
 from mesh_identity.clock import utcnow
 from mesh_identity.compose import Stage
 from mesh_identity.durations import format_duration
-from mesh_identity.rotation.roots import RootStep
+from mesh_identity.errors import ConfigError
+from mesh_identity.rotation.roots import RootStep, StepOverride
 from mesh_identity.server.client import ServerError, fetch_status, root_step
 from mesh_identity.server.document import CaStatus, iso_time
 from mesh_identity.svid import fingerprint_of, serial_of
@@ -80,6 +81,8 @@ def _print_ca(ca: CaStatus) -> None:
     ):
         if proxies:
             print(f"  proxies {label}: {', '.join(proxies)}")
+    for line in ca.proxies_lagging or ():
+        print(f"  proxy lagging: {line}")
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
@@ -113,13 +116,19 @@ def cmd_ca_status(args: argparse.Namespace) -> int:
                     f"  root  {serial_of(root)}  expires {root.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} ({left})  "
                     f"sha256 {fingerprint_of(root)}"
                 )
+            # the provider's own checks of its CA state (the built-in CA: retired root keys, key encryption)
+            for check in provider.doctor(config.ca.workload_ttl, config.ca.intermediate_ttl):
+                print(f"  {'ok    ' if check.ok else 'FAILED'} {check.name}: {check.detail}")
         return 0
     _print_ca(document.ca)
     return 0
 
 
 def cmd_rotate_root(args: argparse.Namespace) -> int:
-    print(root_step(config_of(args), RootStep(args.step)))
+    override = StepOverride(exclude=frozenset(args.exclude or ()), force=args.force)
+    if args.force is not None and not args.force.strip():
+        raise ConfigError("--force: give the reason for going ahead without the proxies' evidence")
+    print(root_step(config_of(args), RootStep(args.step), override if not override.empty else None))
     return 0
 
 
@@ -127,12 +136,28 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common
     p = sub.add_parser("status", parents=[common], help="every identity, the CA chain and rotation, from the server")
     p.add_argument("--json", action="store_true", help="print the server's /status document")
     p.set_defaults(func=cmd_status)
-    ca = sub.add_parser("ca", help="the CA: status and root rotation")
-    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+
+
+def add_ca_parsers(
+    ca_sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Register ``ca status`` and ``ca rotate-root`` on the ``ca`` command's sub-parsers."""
     p = ca_sub.add_parser("status", parents=[common], help="roots, intermediate, rotation phase and its evidence")
     p.set_defaults(func=cmd_ca_status)
     p = ca_sub.add_parser(
         "rotate-root", parents=[common], help="advance a root rotation (the server refuses a step taken too early)"
     )
     p.add_argument("step", choices=[step.value for step in RootStep], help="prepare, then activate, then retire")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="NODE",
+        help="go ahead without this proxy's acknowledgement (repeatable; audited; the others still gate the step)",
+    )
+    p.add_argument(
+        "--force",
+        metavar="REASON",
+        help="go ahead whatever the proxies say, for this reason (audited); identities and the intermediate "
+        "still gate the step",
+    )
     p.set_defaults(func=cmd_rotate_root)

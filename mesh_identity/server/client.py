@@ -13,7 +13,7 @@ from typing import Any
 
 from mesh_identity.config import Config
 from mesh_identity.errors import MeshIdentityError
-from mesh_identity.rotation.roots import RootStep
+from mesh_identity.rotation.roots import RootStep, StepOverride
 from mesh_identity.server.document import StatusDocument, StatusDocumentError
 from mesh_identity.server.service import ADMIN_ADDR, ADMIN_TOKEN, DEFAULT_LISTEN
 
@@ -35,11 +35,15 @@ def server_url(config: Config) -> str:
         return f"http://{host}:{listen.port}"
 
 
-def _request(url: str, *, token: str | None = None, timeout: float = GET_TIMEOUT) -> tuple[int, bytes]:
+def _request(
+    url: str, *, token: str | None = None, body: bytes = b"", timeout: float = GET_TIMEOUT
+) -> tuple[int, bytes]:
     method = "GET" if token is None else "POST"
-    request = urllib.request.Request(url, method=method, data=b"" if token is not None else None)  # noqa: S310
+    request = urllib.request.Request(url, method=method, data=body if token is not None else None)  # noqa: S310
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
+        if body:
+            request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) URL we built
             return int(response.status), bytes(response.read())
@@ -79,10 +83,23 @@ def admin_token(config: Config) -> str:
     return token
 
 
-def root_step(config: Config, step: RootStep) -> str:
-    """Ask the server to take a root rotation step; its message, or ServerError with its refusal."""
+def override_body(override: StepOverride | None) -> bytes:
+    """The JSON body of a root step with ``override`` (empty for none): ``{"exclude": [...], "force": "..."}``."""
+    if override is None or override.empty:
+        return b""
+    data: dict[str, Any] = {}
+    if override.exclude:
+        data["exclude"] = sorted(override.exclude)
+    if override.force is not None:
+        data["force"] = override.force
+    return json.dumps(data).encode()
+
+
+def root_step(config: Config, step: RootStep, override: StepOverride | None = None) -> str:
+    """Ask the server to take a root rotation step (giving up on the proxies ``override`` names); its message,
+    or ServerError with its refusal."""
     url = f"{server_url(config)}/admin/root/{step.value}"
-    code, body = _request(url, token=admin_token(config), timeout=STEP_TIMEOUT)
+    code, body = _request(url, token=admin_token(config), body=override_body(override), timeout=STEP_TIMEOUT)
     try:
         reply: dict[str, Any] = json.loads(body)
     except ValueError:

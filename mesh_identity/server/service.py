@@ -137,10 +137,17 @@ class Service:
         else:
             self.engine.add_all(self.keep)
         listen = self.listen
+        beyond = self.config.admin_beyond_loopback
         if not is_loopback(listen.host):
-            log.warning("the metrics and admin endpoint listens on %s, beyond loopback (admin needs the token)", listen)
+            log.warning(
+                "the metrics and admin endpoint listens on %s, beyond loopback: admin requests are %s",
+                listen,
+                "accepted with the token (metrics.admin_beyond_loopback; put TLS in front)"
+                if beyond
+                else "refused (set metrics.admin_beyond_loopback with TLS in front to allow them)",
+            )
         token = secrets.token_urlsafe(32)
-        self.endpoint = Endpoint(self, listen.host, listen.port, token)
+        self.endpoint = Endpoint(self, listen.host, listen.port, token, admin_beyond_loopback=beyond)
         state = ensure_private_dir(self.config.state_dir)
         write_private(state / ADMIN_TOKEN, token.encode() + b"\n")
         self.endpoint.start()

@@ -24,6 +24,7 @@ from mesh_identity.profile import LeafSigner, checked_public_key, is_ca, same_ke
 from mesh_identity.provider import (
     Capabilities,
     CAProvider,
+    Check,
     Health,
     Limits,
     Mode,
@@ -36,6 +37,7 @@ from mesh_identity.provider import (
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, load_certs_pem
 from mesh_identity.verify import chain_problem
+from providers.builtin.keyfile import DESCRIPTION as KEY_ENCRYPTION
 from providers.builtin.store import RootStore
 
 NAME = "builtin"
@@ -212,6 +214,45 @@ class BuiltinProvider(CAProvider):
     def limits(self) -> Limits:
         remaining = self._signer_cert.not_valid_after_utc - self.context.clock()
         return Limits(remaining, remaining, self._signer_cert.not_valid_after_utc)
+
+    def doctor(self, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None) -> list[Check]:
+        """Health, then for a generated root: ``retired root keys`` (none should be on disk) and ``root key
+        encryption`` (the scheme of the root keys, or that they are not encrypted)."""
+        checks = super().doctor(workload_ttl, intermediate_ttl)
+        if self.store is None:
+            return checks
+        with self._lock:
+            leftover = self.store.leftover_keys()
+            weak = self.store.key_encryption_problems()
+            encrypted = self.store.passphrase is not None
+        if leftover:
+            paths = ", ".join(map(str, leftover))
+            it = "it: its root is" if len(leftover) == 1 else "them: their roots are"
+            checks.append(
+                Check("retired root keys", False, f"{len(leftover)} still on disk: {paths} (delete {it} retired)")
+            )
+        else:
+            checks.append(Check("retired root keys", True, "none on disk (a root's key is deleted when it is retired)"))
+        if weak:
+            checks.append(
+                Check(
+                    "root key encryption",
+                    False,
+                    f"weaker than {KEY_ENCRYPTION}: {'; '.join(weak)} (re-encrypting it at load failed: see the log)",
+                )
+            )
+        elif encrypted:
+            checks.append(Check("root key encryption", True, KEY_ENCRYPTION))
+        else:
+            env = self.options.get("passphrase_env") or DEFAULT_PASSPHRASE_ENV
+            checks.append(
+                Check(
+                    "root key encryption",
+                    True,
+                    f"not encrypted (set {env} or ca.provider_options.passphrase_file to encrypt it)",
+                )
+            )
+        return checks
 
     # -- root rotation -------------------------------------------------------------------------------------
 

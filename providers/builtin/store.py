@@ -5,16 +5,27 @@ Layout of ``<state_dir>/builtin`` (directory 0700, files 0600)::
     ca.json         {"version": 1, "trust_domain": ..., "roots": ["root-1", ...], "active": "root-1",
                      "phase": "steady" | "prepared" | "activated"}
     root-1.pem      a root certificate
-    root-1.key      its key, PKCS#8, encrypted when a passphrase is set
+    root-1.key      its key, PKCS#8; with a passphrase, encrypted as :mod:`providers.builtin.keyfile` says
+                    (PBKDF2-HMAC-SHA256, 600,000 iterations, AES-256-CBC)
+    retired/        the certificates of retired roots, for the record (never their keys)
 
 ``ca.json`` is the commit point: new key files are written first, then the manifest is replaced atomically,
 so a crash leaves either the old or the new state, never a mix. A new store is built in a temporary directory
 and renamed into place.
+
+Retiring a root deletes its key once the manifest no longer lists it (its certificate moves to ``retired/``).
+Loading finishes what an earlier version or an interrupted retire left: it deletes ``retired/*.key`` and the
+key of any root the manifest dropped (one numbered below its newest root: a higher one may be another
+process's prepare, whose files come before its manifest), and it re-encrypts, one file at a time (each
+replaced atomically, both forms readable with the same passphrase), keys encrypted with a weaker scheme than
+ours (the 2,048 PBKDF2 iterations of earlier versions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -31,8 +42,12 @@ from mesh_identity.keys import KeyType, PrivateKey, generate_key, load_private_k
 from mesh_identity.profile import build_root, is_ca, same_key
 from mesh_identity.spiffe import TrustDomain
 from mesh_identity.svid import cert_pem
+from providers.builtin.keyfile import encrypted_key_pem, key_encryption, needs_reencryption
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "ca.json"
+RETIRED = "retired"
 PHASES = ("steady", "prepared", "activated")
 ROOT_NAME = re.compile(r"root-[1-9][0-9]{0,5}")
 
@@ -101,6 +116,7 @@ class RootStore:
         names, active, phase = self._check_manifest(manifest, manifest_path)
         self.roots = tuple(self._load_root(name) for name in names)
         self.active_name, self.phase = active, phase
+        self._remove_retired_keys()
 
     def _check_manifest(self, manifest: Any, where: Path) -> tuple[list[str], str, str]:
         if not isinstance(manifest, dict) or manifest.get("version") != 1:
@@ -130,7 +146,8 @@ class RootStore:
         except ValueError:
             raise StateError(f"{cert_path} is corrupt: not a PEM certificate") from None
         try:
-            key = load_private_key(key_path.read_bytes(), self.passphrase)
+            pem = key_path.read_bytes()
+            key = load_private_key(pem, self.passphrase)
         except FileNotFoundError:
             raise StateError(f"{key_path} is missing") from None
         except ValueError as err:
@@ -140,13 +157,87 @@ class RootStore:
             raise StateError(f"{cert_path} is corrupt: not a CA certificate")
         if not same_key(cert, key.public_key()):
             raise StateError(f"{key_path} does not match the certificate {cert_path}")
-        return Root(name, cert, key)
+        root = Root(name, cert, key)
+        if self.passphrase and needs_reencryption(pem):
+            self._reencrypt(root, pem)
+        return root
+
+    def _reencrypt(self, root: Root, pem: bytes) -> None:
+        path = self.path / f"{root.name}.key"
+        try:
+            was = key_encryption(pem)
+        except ValueError:
+            was = None
+        try:
+            write_private(path, self._key_pem(root.key))
+        except OSError as err:  # the old form still loads: keep serving, doctor says what is left
+            log.warning("cannot re-encrypt %s with the current scheme: %s", path, err.strerror)
+            return
+        log.info("re-encrypted %s (was %s)", path, was.describe() if was else "an unreadable scheme")
+
+    # -- retired roots -------------------------------------------------------------------------------------
+
+    def _dropped(self) -> list[str]:
+        """Names of roots whose files remain though the manifest dropped them, numbered below its newest."""
+        newest = max(_number(r.name) for r in self.roots)
+        names = {r.name for r in self.roots}
+        found = {p.stem for p in self.path.glob("root-*.*") if p.suffix in (".key", ".pem")}
+        return sorted(n for n in found if ROOT_NAME.fullmatch(n) and n not in names and _number(n) < newest)
+
+    def _retire_files(self, name: str) -> None:
+        """Move a retired root's certificate to ``retired/``; delete its key."""
+        cert = self.path / f"{name}.pem"
+        if cert.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                cert.replace(ensure_private_dir(self.path / RETIRED) / cert.name)
+        key = self.path / f"{name}.key"
+        if key.exists():
+            key.unlink(missing_ok=True)
+            log.info("deleted the key of retired root %s (%s)", name, key)
+
+    def _remove_retired_keys(self) -> None:
+        try:
+            for name in self._dropped():
+                self._retire_files(name)
+            for key in self._retired_keys():
+                key.unlink(missing_ok=True)
+                log.info("deleted the key of retired root %s (%s)", key.stem, key)
+        except OSError as err:  # not fatal: the roots load; doctor names what is left
+            log.warning("cannot delete retired root keys in %s: %s", self.path, err.strerror or err)
+
+    def _retired_keys(self) -> list[Path]:
+        return sorted(p for p in (self.path / RETIRED).glob("root-*.key") if ROOT_NAME.fullmatch(p.stem))
+
+    def leftover_keys(self) -> tuple[Path, ...]:
+        """Keys of retired roots still on disk (none, unless deleting them failed)."""
+        dropped = [self.path / f"{n}.key" for n in self._dropped()]
+        return tuple(p for p in (*dropped, *self._retired_keys()) if p.exists())
+
+    def key_encryption_problems(self) -> list[str]:
+        """Root keys not encrypted with the current scheme although a passphrase is set (re-encrypting them
+        on load failed), each as ``<file>: <what protects it>``."""
+        if not self.passphrase:
+            return []
+        problems = []
+        for root in self.roots:
+            path = self.path / f"{root.name}.key"
+            try:
+                encryption = key_encryption(path.read_bytes())
+            except (OSError, ValueError) as err:
+                problems.append(f"{path}: {err}")
+                continue
+            if encryption is None or not encryption.strong:
+                problems.append(f"{path}: {encryption.describe() if encryption else 'not encrypted'}")
+        return problems
 
     # -- writing -------------------------------------------------------------------------------------------
 
+    def _key_pem(self, key: PrivateKey) -> bytes:
+        return encrypted_key_pem(key, self.passphrase) if self.passphrase else private_key_pem(key)
+
     def _write_root(self, root: Root) -> None:
         write_private(self.path / f"{root.name}.pem", cert_pem(root.certificate))
-        write_private(self.path / f"{root.name}.key", private_key_pem(root.key, self.passphrase))
+        write_private(self.path / f"{root.name}.key", self._key_pem(root.key))
 
     def _write_manifest(self) -> None:
         manifest = {
@@ -170,7 +261,7 @@ class RootStore:
         """Phase 1: a new root joins the bundle; the old one still signs."""
         if self.phase != "steady":
             raise RotationError(f"a root rotation is already in phase {self.phase!r}; finish it first")
-        number = 1 + max(int(r.name.split("-", 1)[1]) for r in self.roots)
+        number = 1 + max(_number(r.name) for r in self.roots)
         key = generate_key(key_type)
         root = Root(f"root-{number}", build_root(key, self.trust_domain, root_ttl, now, f"root CA {number}"), key)
         self._write_root(root)
@@ -187,16 +278,20 @@ class RootStore:
         return self.active
 
     def retire(self) -> tuple[Root, ...]:
-        """Phase 3: roots other than the active one leave the bundle (files move to ``retired/``)."""
+        """Phase 3: roots other than the active one leave the bundle; once the manifest says so, their keys
+        are deleted and their certificates move to ``retired/``."""
         if self.phase != "activated":
             raise RotationError(f"cannot retire: the root rotation is in phase {self.phase!r}, not 'activated'")
         old = tuple(r for r in self.roots if r.name != self.active_name)
         self.roots, self.phase = (self.active,), "steady"
         self._write_manifest()
-        retired = ensure_private_dir(self.path / "retired")
-        for root in old:
-            for suffix in (".pem", ".key"):
-                source = self.path / f"{root.name}{suffix}"
-                if source.exists():
-                    source.replace(retired / source.name)
+        try:
+            for root in old:
+                self._retire_files(root.name)
+        except OSError as err:  # retired all the same; the next load, and doctor, see to what is left
+            log.warning("root retired, but cleaning up its files in %s failed: %s", self.path, err.strerror or err)
         return old
+
+
+def _number(name: str) -> int:
+    return int(name.split("-", 1)[1])

@@ -98,6 +98,14 @@ def test_serve_status_and_a_whole_root_rotation_from_the_command_line(server, ca
     assert code == 0
     assert out.splitlines()[0] == "root rotation: prepared (ready: mesh-identity ca rotate-root activate)"
     assert [line.split()[-3:] for line in out.splitlines()[1:3]] == [["signing,", "2", "leaves"], ["new,", "0", "leaves"]]
+    code, out, err = cli(capsys, "ca", "rotate-root", "activate", "--exclude", "web-9", "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err == (
+        "mesh-identity: error: cannot activate: --exclude names web-9, which is not holding this step up "
+        "(waiting for: none)\n"
+    )
+    code, out, err = cli(capsys, "ca", "rotate-root", "activate", "--force", " ", "--config", str(config))
+    assert (code, err) == (2, "mesh-identity: error: --force: give the reason for going ahead without the proxies' evidence\n")
     code, out, _ = cli(capsys, "ca", "rotate-root", "activate", "--config", str(config))
     assert (code, "2 identities renewed from it" in out) == (0, True)
     code, out, _ = cli(capsys, "ca", "rotate-root", "retire", "--config", str(config))
@@ -155,6 +163,7 @@ def test_ca_status_without_a_server_shows_the_state_on_disk(tmp_path, capsys):
     )
     assert lines[1] == "root rotation: steady"
     assert lines[2].startswith("  root  ") and " sha256 " in lines[2]
+    assert "  ok     retired root keys: none on disk (a root's key is deleted when it is retired)" in lines
 
 
 def test_doctor(tmp_path, capsys):
