@@ -80,12 +80,19 @@ class CaRotated:
 
 @dataclass(frozen=True, slots=True)
 class AccessDenied:
-    """A peer asked for something its identity is not entitled to (e.g. another proxy's secret)."""
+    """A peer asked for something its identity is not entitled to (e.g. another proxy's secret).
+
+    One event per refused request: when it named several resources the peer may not have, ``resource`` and
+    ``reason`` are the first of them with how many more, ``resources`` lists the first few (bounded), ``count``
+    says how many were refused. Text the peer chose (names, node ids) comes with control characters escaped
+    and its length bounded."""
 
     peer: str
     resource: str
     reason: str
     at: datetime
+    resources: tuple[str, ...] = ()  # the refused resources, the first few of them ("Secret spiffe://...")
+    count: int = 1  # how many resources the request was refused
 
 
 Event = CertificateIssued | CertificateRotated | RotationFailed | CaRotated | AccessDenied

@@ -45,6 +45,7 @@ from xds_sds.protocol.cache import Resource, SnapshotCache
 from xds_sds.protocol.credentials import ServerTls
 from xds_sds.protocol.metrics import XdsMetrics
 from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.text import escaped
 from xds_sds.protocol.typeurls import KNOWN, SECRET, short_name
 from xds_sds.resources.proxy import ProxyView, Resources, build_proxy, proxy_views, secret_resources
 from xds_sds.resources.secrets import bundle_roots_pem, tls_certificate_secret
@@ -251,7 +252,7 @@ class MeshPublisher:
                     continue
                 changed = self._changed_at.get((node, type_url))
                 if nack is not None and (changed is None or nack.at >= changed):
-                    found.append(f"{node}: rejected its {short_name(type_url)} config: {_printable(nack.error)}")
+                    found.append(f"{node}: rejected its {short_name(type_url)} config: {escaped(nack.error, 200)}")
                 elif changed is not None and now - changed > older_than:
                     found.append(
                         f"{node}: has not acknowledged {len(behind)} {short_name(type_url)} resource"
@@ -263,12 +264,6 @@ class MeshPublisher:
         """Sidecars that acknowledged ``svid`` as their certificate."""
         version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
         return self.acks.nodes_acked(SECRET, tls_secret_name(svid.spiffe_id), version)
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """A proxy's text for a status line: control characters escaped, cut to ``limit`` characters."""
-    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 def packed(resources: dict[str, Message]) -> dict[str, Resource]:

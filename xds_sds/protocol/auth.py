@@ -1,8 +1,15 @@
 """Who is on the other end of a stream, and what it may receive.
 
 The xDS port requires a client certificate that chains to the mesh's trust bundle (the TLS handshake checks
-that). The stream's identity is the SPIFFE ID in that certificate's URI SAN, read from the gRPC auth context.
-An :class:`Authorizer` then decides which node ids the identity may speak for and which resources it may get.
+that). The stream's identity is the SPIFFE ID in that certificate's URI SAN, read from the gRPC auth context
+(:func:`peer_credential`), and the certificate must have the X.509-SVID leaf profile: not a CA, key usage
+digitalSignature and neither keyCertSign nor cRLSign. An :class:`Authorizer` then decides which node ids the
+identity may speak for and which resources it may get.
+
+The handshake is not trusted forever: a resumed TLS session skips the certificate checks, and a connection
+outlives both the certificate and the roots it was checked against. So :func:`trust_of` checks the peer's
+chain against the *current* roots at a given time, on every new stream and again whenever the roots change;
+it says when the chain stops being valid (its earliest NotAfter), when the server ends the stream.
 
 Secret names follow SPIRE's SDS convention: a workload's ``TlsCertificate`` secret is named by its SPIFFE ID,
 a trust bundle (validation context) by its trust domain's ID (``spiffe://example.org``).
@@ -10,19 +17,56 @@ a trust bundle (validation context) by its trust domain's ID (``spiffe://example
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from mesh_identity.errors import InvalidSpiffeIdError
+from mesh_identity.profile import is_ca
 from mesh_identity.spiffe import SpiffeId, TrustDomain
-from mesh_identity.svid import spiffe_id_of
+from mesh_identity.svid import Fingerprint, fingerprint_of, spiffe_id_of
 from xds_sds.protocol.typeurls import SECRET
 
 
 class PeerError(Exception):
-    """The peer of a stream cannot be identified (no certificate, no single SPIFFE ID)."""
+    """The peer of a stream cannot be identified (no certificate, no single SPIFFE ID, not an X.509-SVID leaf),
+    or its certificate is no longer valid (expired, or its root left the trust bundle)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredential:
+    """What the TLS handshake verified: the peer's leaf, the intermediates it presented, its SPIFFE ID."""
+
+    leaf: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    identity: SpiffeId
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """A peer chain that is valid now: the root it ends at, and until when the whole path is valid."""
+
+    root: Fingerprint
+    not_after: datetime
+
+
+def peer_credential(auth_context: Mapping[str, list[bytes]]) -> PeerCredential:
+    """The peer's certificate, chain and identity, from the auth context; PeerError unless it is an X.509-SVID
+    leaf (a SPIFFE ID, not a CA, digitalSignature)."""
+    leaf = peer_certificate(auth_context)
+    identity = identity_of(leaf)
+    check_leaf_profile(leaf)
+    chain: list[x509.Certificate] = []
+    for pem in auth_context.get("x509_pem_cert_chain") or []:
+        try:
+            chain.extend(x509.load_pem_x509_certificates(pem))
+        except ValueError as err:
+            raise PeerError(f"the peer certificate chain cannot be read ({err})") from None
+    return PeerCredential(leaf, tuple(c for c in chain if c != leaf), identity)
 
 
 def peer_certificate(auth_context: Mapping[str, list[bytes]]) -> x509.Certificate:
@@ -46,6 +90,72 @@ def identity_of(cert: x509.Certificate) -> SpiffeId:
         return spiffe_id_of(cert)
     except (ValueError, InvalidSpiffeIdError) as err:
         raise PeerError(f"the peer certificate is not an X.509-SVID: {err}") from None
+
+
+def check_leaf_profile(cert: x509.Certificate) -> None:
+    """PeerError unless ``cert`` has the X.509-SVID leaf profile: CA false, key usage with digitalSignature and
+    without keyCertSign or cRLSign (a CA certificate is never a workload's identity)."""
+    problem = "the peer certificate is not an X.509-SVID leaf: "
+    if is_ca(cert):
+        raise PeerError(problem + "it is a CA certificate")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise PeerError(problem + "its key usage lacks digitalSignature") from None
+    if usage.key_cert_sign:
+        raise PeerError(problem + "its key usage allows keyCertSign")
+    if usage.crl_sign:
+        raise PeerError(problem + "its key usage allows cRLSign")
+    if not usage.digital_signature:
+        raise PeerError(problem + "its key usage lacks digitalSignature")
+
+
+def trust_of(credential: PeerCredential, roots: Sequence[x509.Certificate], now: datetime) -> Trust:
+    """Check the peer's chain against ``roots`` at ``now``: it must lead from the leaf, through the presented
+    intermediates (CAs, each signing the one below), to one of ``roots``, every certificate on the way (the root
+    too) valid at ``now``. PeerError says why not."""
+    path = _path(credential, roots)
+    if path is None:
+        raise PeerError("the peer certificate does not chain to any root of the current trust bundle")
+    for cert in path:
+        if now > cert.not_valid_after_utc:
+            at = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+            if cert is credential.leaf:
+                raise PeerError(f"the peer certificate expired at {at}")
+            raise PeerError(
+                f"the peer's certificate chain expired at {at} "
+                f"({cert.subject.rfc4514_string()!r} is not valid after then)"
+            )
+        if now < cert.not_valid_before_utc:
+            raise PeerError(
+                f"{'the peer certificate' if cert is credential.leaf else repr(cert.subject.rfc4514_string())} "
+                f"is not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+            )
+    return Trust(fingerprint_of(path[-1]), min(cert.not_valid_after_utc for cert in path))
+
+
+def _path(credential: PeerCredential, roots: Sequence[x509.Certificate]) -> list[x509.Certificate] | None:
+    """Leaf, intermediates and root, each signed by the next; None when no root of ``roots`` is reached."""
+    path = [credential.leaf]
+    pool = list(credential.intermediates)
+    while True:
+        current = path[-1]
+        for root in roots:
+            if _issued_by(current, root):
+                return [*path, root]
+        issuer = next((c for c in pool if is_ca(c) and _issued_by(current, c)), None)
+        if issuer is None:
+            return None
+        pool.remove(issuer)
+        path.append(issuer)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def tls_secret_name(identity: SpiffeId) -> str:

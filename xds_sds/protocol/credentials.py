@@ -3,15 +3,23 @@
 gRPC asks :meth:`ServerTls.credentials`' fetcher on every new handshake whether the certificate changed, so a
 rotated server certificate (or a trust bundle with a new root) applies to the next connection without a
 restart. Client certificates are always required: there is no way to build credentials without them.
+
+New roots only reach new handshakes, so the roots are also kept parsed (:attr:`ServerTls.client_roots`) for the
+discovery server to check every new stream against, and :meth:`ServerTls.on_roots_changed` tells it when they
+change (root rotation retires a root): it then ends the streams whose peer no longer chains to them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import grpc
+from cryptography import x509
 
-from mesh_identity.svid import X509Svid
+from mesh_identity.svid import X509Svid, load_certs_pem
+
+RootsListener = Callable[[tuple[x509.Certificate, ...]], None]
 
 
 class ServerTls:
@@ -22,6 +30,9 @@ class ServerTls:
         self._generation = 0
         self._served = -1
         self._material = (cert_chain_pem, key_pem, client_roots_pem)
+        self._roots = load_certs_pem(client_roots_pem, "the client roots")
+        self._listeners: dict[int, RootsListener] = {}
+        self._next_listener = 0
 
     @classmethod
     def from_svid(cls, svid: X509Svid) -> ServerTls:
@@ -30,19 +41,51 @@ class ServerTls:
 
     def update(self, cert_chain_pem: bytes, key_pem: bytes, client_roots_pem: bytes | None = None) -> None:
         """Use a new certificate (and optionally new client roots) for the next handshakes."""
-        with self._lock:
-            roots = self._material[2] if client_roots_pem is None else client_roots_pem
-            self._material = (cert_chain_pem, key_pem, roots)
-            self._generation += 1
+        self._replace(cert_chain_pem, key_pem, client_roots_pem)
 
     def update_svid(self, svid: X509Svid) -> None:
         self.update(svid.cert_chain_pem(), svid.key_pem(), svid.bundle.pem())
 
     def update_roots(self, client_roots_pem: bytes) -> None:
-        """Trust a new set of roots for client certificates (root rotation)."""
+        """Trust a new set of roots for client certificates (root rotation): next handshakes use them, and the
+        :meth:`on_roots_changed` listeners are told (in this thread) when they differ from the previous ones."""
+        self._replace(None, None, client_roots_pem)
+
+    def _replace(self, chain: bytes | None, key: bytes | None, roots_pem: bytes | None) -> None:
+        parsed = None if roots_pem is None else load_certs_pem(roots_pem, "the client roots")
         with self._lock:
-            self._material = (self._material[0], self._material[1], client_roots_pem)
+            old_chain, old_key, old_roots = self._material
+            self._material = (
+                old_chain if chain is None else chain,
+                old_key if key is None else key,
+                old_roots if roots_pem is None else roots_pem,
+            )
             self._generation += 1
+            changed = parsed is not None and parsed != self._roots
+            if parsed is not None:
+                self._roots = parsed
+            listeners = list(self._listeners.values()) if changed else []
+        for listener in listeners:
+            listener(parsed or ())
+
+    @property
+    def client_roots(self) -> tuple[x509.Certificate, ...]:
+        """The roots client certificates must chain to now."""
+        with self._lock:
+            return self._roots
+
+    def on_roots_changed(self, listener: RootsListener) -> Callable[[], None]:
+        """Call ``listener`` with the new roots after each change of them; returns an unsubscribe."""
+        with self._lock:
+            key = self._next_listener
+            self._next_listener += 1
+            self._listeners[key] = listener
+
+        def cancel() -> None:
+            with self._lock:
+                self._listeners.pop(key, None)
+
+        return cancel
 
     @property
     def generation(self) -> int:

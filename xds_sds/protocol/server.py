@@ -9,6 +9,17 @@ Each stream runs one loop: a reader task queues requests, cache changes for the 
 after each wake the protocol state machine says what to send. A request the server refuses ends the stream
 with a gRPC status (``INVALID_ARGUMENT`` for malformed requests, ``UNAUTHENTICATED`` for a peer without a
 SPIFFE ID, ``PERMISSION_DENIED`` for a node the peer may not speak for); other streams are unaffected.
+
+A handshake is not trusted forever. Every new stream (and every ``FetchSecrets``) reads the peer certificate
+from the auth context and checks it again: the X.509-SVID leaf profile, its NotAfter, and its chain to the
+*current* roots (:func:`~xds_sds.protocol.auth.trust_of`), so a resumed TLS session, or an old connection, of a
+certificate that expired or whose root was retired opens nothing (``UNAUTHENTICATED``). An open stream ends
+(``UNAUTHENTICATED``) when its chain's earliest NotAfter passes, and when the roots change
+(:meth:`~xds_sds.protocol.credentials.ServerTls.update_roots`) so that it no longer chains to them. Connections
+are recycled after :data:`DEFAULT_MAX_CONNECTION_AGE` (gRPC's ``max_connection_age``: a GOAWAY, then the
+grace period, then the connection is closed and the client reconnects with a new handshake), and closed after
+:data:`DEFAULT_MAX_CONNECTION_IDLE` without RPCs, so that a client whose streams were refused for a stale
+handshake connects again instead of retrying on the same connection forever.
 """
 
 from __future__ import annotations
@@ -18,25 +29,38 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol, TypeVar
 
 import grpc
+from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf.message import DecodeError, Message
 
-from mesh_identity.events import EventSink, NullSink
-from mesh_identity.svid import serial_of
+from mesh_identity.clock import Clock, utcnow
+from mesh_identity.events import AccessDenied, EventSink, NullSink
+from mesh_identity.svid import fingerprint_of, serial_of
 from xds_sds.protocol.acks import AckTracker
-from xds_sds.protocol.auth import Authorizer, PeerError, identity_of, peer_certificate
+from xds_sds.protocol.auth import (
+    Authorizer,
+    PeerCredential,
+    PeerError,
+    Trust,
+    identity_of,
+    peer_certificate,
+    peer_credential,
+    trust_of,
+)
 from xds_sds.protocol.cache import SnapshotCache
 from xds_sds.protocol.credentials import ServerTls
 from xds_sds.protocol.delta import DeltaStream
 from xds_sds.protocol.metrics import XdsMetrics
-from xds_sds.protocol.session import Env, RequestError, Session
+from xds_sds.protocol.session import MAX_RESOURCE_NAMES, Env, RequestError, Session
 from xds_sds.protocol.sotw import SotwStream
+from xds_sds.protocol.text import escaped
 from xds_sds.protocol.typeurls import KNOWN, SECRET
 
 log = logging.getLogger("xds_sds")
@@ -56,6 +80,17 @@ DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
 )
+# Connections are not kept forever: after this long (gRPC adds +-10% jitter) the server sends GOAWAY, and after
+# the grace period it closes the connection; the client reconnects, with a full or resumed handshake that the
+# next stream's certificate check sees. Streams also end at their certificate's NotAfter, whatever the age.
+DEFAULT_MAX_CONNECTION_AGE = timedelta(minutes=30)
+DEFAULT_MAX_CONNECTION_AGE_GRACE = timedelta(minutes=1)
+# A connection without RPCs is closed after this long. A proxy always has its stream open, so this only closes
+# connections whose streams were refused for their certificate: the handshake is stale (expired, or its root
+# retired), and a client such as Envoy retries on the same connection (it keeps connections when it loads a new
+# certificate). Closed, it reconnects with a new handshake and its current certificate.
+DEFAULT_MAX_CONNECTION_IDLE = timedelta(seconds=1)
+_RECHECK_AFTER = 1.0  # seconds: when a stream's timer fired before its NotAfter by the clock, look again then
 
 
 class _Protocol(Protocol[Req_contra, Resp_co]):
@@ -75,6 +110,32 @@ class StreamInfo:
     serial: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """Why an open stream must end, told to it through its wake event."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    node: bool  # True: the authorizer's refusal of the node; False: the peer certificate is no longer valid
+
+
+@dataclass(slots=True)
+class _Open:
+    """An open stream, from its first moment (before it names its node), for the certificate checks."""
+
+    session: Session
+    wake: asyncio.Event
+    credential: PeerCredential
+    service: str
+    trust: Trust | None = None  # set once the chain was checked against the current roots
+    timer: asyncio.TimerHandle | None = None
+
+    def info(self) -> StreamInfo:
+        s = self.session
+        return StreamInfo(s.node_id or "", str(s.identity), s.peer, self.service, s.serial)
+
+
 class DiscoveryServer:
     """ADS (SotW + delta) and SDS over mTLS, serving a :class:`SnapshotCache`.
 
@@ -82,9 +143,14 @@ class DiscoveryServer:
     :param tls: the server's certificate and the roots client certificates must chain to.
     :param authorizer: which node ids and resources each peer identity may have.
     :param acks: where ACKs are recorded (a new tracker by default).
-    :param audit: receives an :class:`~mesh_identity.events.AccessDenied` for every refusal.
+    :param audit: receives an :class:`~mesh_identity.events.AccessDenied` for every refusal (one per request).
     :param metrics: Prometheus collectors (a private registry by default).
     :param address: ``host:port`` to listen on; port 0 picks a free one (see :attr:`port`).
+    :param clock: the time certificates are checked at (and audit events carry).
+    :param max_resource_names: how many resource names one request may carry.
+    :param max_connection_age: recycle connections this old (None: never), closing them
+        ``max_connection_age_grace`` after the GOAWAY; ``max_connection_idle``: close connections without RPCs
+        for this long (None: never). They replace the corresponding entries of ``options``.
     """
 
     def __init__(
@@ -99,16 +165,28 @@ class DiscoveryServer:
         address: str = "127.0.0.1:0",
         served_types: frozenset[str] = KNOWN,
         options: tuple[tuple[str, int], ...] = DEFAULT_OPTIONS,
+        clock: Clock = utcnow,
+        max_resource_names: int = MAX_RESOURCE_NAMES,
+        max_connection_age: timedelta | None = DEFAULT_MAX_CONNECTION_AGE,
+        max_connection_age_grace: timedelta = DEFAULT_MAX_CONNECTION_AGE_GRACE,
+        max_connection_idle: timedelta | None = DEFAULT_MAX_CONNECTION_IDLE,
     ) -> None:
         self.cache = cache
         self.tls = tls
         self.acks = acks if acks is not None else AckTracker()
         self.metrics = metrics if metrics is not None else XdsMetrics()
         self.env = Env(
-            cache, self.acks, authorizer, audit if audit is not None else NullSink(), self.metrics, served_types
+            cache,
+            self.acks,
+            authorizer,
+            audit if audit is not None else NullSink(),
+            self.metrics,
+            served_types,
+            clock,
+            max_resource_names,
         )
         self._address = address
-        self._options = options
+        self._options = _connection_options(options, max_connection_age, max_connection_age_grace, max_connection_idle)
         self._port = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -118,8 +196,10 @@ class DiscoveryServer:
         self._grace: float | None = None
         self._streams: dict[int, StreamInfo] = {}
         self._live: dict[int, tuple[Session, asyncio.Event]] = {}  # streams with a node, to re-authorise
-        self._revoked: dict[int, str] = {}  # streams the authorizer no longer allows, and why
+        self._open: dict[int, _Open] = {}  # every open stream, to check its certificate again
+        self._revoked: dict[int, _Ending] = {}  # streams that must end, and why
         self._streams_lock = threading.Lock()
+        self._cancel_roots: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -137,6 +217,7 @@ class DiscoveryServer:
             self._thread.join()
             self._thread = None
             raise failure[0]
+        self._cancel_roots = self.tls.on_roots_changed(self._roots_changed)
         return self._port
 
     def stop(self, grace: float | None = 1.0) -> None:
@@ -144,6 +225,9 @@ class DiscoveryServer:
         thread, loop, stop_event = self._thread, self._loop, self._stop_event
         if thread is None or loop is None or stop_event is None:
             return
+        if self._cancel_roots is not None:
+            self._cancel_roots()
+            self._cancel_roots = None
         self._grace = grace
         loop.call_soon_threadsafe(stop_event.set)
         thread.join()
@@ -159,6 +243,11 @@ class DiscoveryServer:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def options(self) -> tuple[tuple[str, int], ...]:
+        """The gRPC server options in use (the maximum connection age among them)."""
+        return self._options
 
     @property
     def target(self) -> str:
@@ -186,15 +275,67 @@ class DiscoveryServer:
                     continue
                 reason = self.env.authorizer.node_denied(session.identity, session.node_id)
                 if reason is not None:
-                    self._revoked[key] = reason
+                    self._revoked[key] = _Ending(
+                        grpc.StatusCode.PERMISSION_DENIED, f"{reason} (the workloads changed)", reason, node=True
+                    )
                     ending.append((self._streams[key], wake, reason))
-        loop = self._loop
         for info, wake, reason in ending:
-            log.warning("closing the %s stream of node %s (%s): %s", info.service, info.node_id, info.peer, reason)
-            if loop is not None:
-                with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping anyway
-                    loop.call_soon_threadsafe(wake.set)
+            self._closing_log(info, reason)
+            self._wake(wake)
         return tuple(info for info, _, _ in ending)
+
+    def _roots_changed(self, roots: tuple[x509.Certificate, ...]) -> None:
+        self.revalidate()
+
+    def revalidate(self) -> tuple[StreamInfo, ...]:
+        """Check every open stream's peer certificate again, at the clock's time and against the current roots
+        (done whenever the roots change, and by each stream's timer at its chain's NotAfter): the streams whose
+        certificate expired, or no longer chains to the roots, end with ``UNAUTHENTICATED``. Returns them."""
+        roots = self.tls.client_roots
+        fingerprints = frozenset(fingerprint_of(root) for root in roots)
+        with self._streams_lock:
+            candidates = [(key, opened) for key, opened in self._open.items() if key not in self._revoked]
+        ended = (self._recheck(key, opened, roots, fingerprints) for key, opened in candidates)
+        return tuple(info for info in ended if info is not None)
+
+    def _recheck(
+        self, key: int, opened: _Open, roots: tuple[x509.Certificate, ...], fingerprints: frozenset[str]
+    ) -> StreamInfo | None:
+        """End the stream when its certificate is no longer valid; its StreamInfo then, else None. A stream whose
+        root is still there and whose chain has not expired costs no signature check."""
+        now = self.env.clock()
+        trust = opened.trust
+        if trust is not None and now <= trust.not_after and trust.root in fingerprints:
+            return None
+        try:
+            opened.trust = trust_of(opened.credential, roots, now)
+        except PeerError as err:
+            with self._streams_lock:
+                if key not in self._open or key in self._revoked:
+                    return None
+                self._revoked[key] = _Ending(grpc.StatusCode.UNAUTHENTICATED, str(err), str(err), node=False)
+            info = opened.info()
+            self._closing_log(info, str(err))
+            self._wake(opened.wake)
+            return info
+        return None
+
+    def _wake(self, wake: asyncio.Event) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping anyway
+                loop.call_soon_threadsafe(wake.set)
+
+    @staticmethod
+    def _closing_log(info: StreamInfo, reason: str) -> None:
+        log.warning(
+            "closing the %s stream of node %s (%s, %s): %s",
+            info.service,
+            escaped(info.node_id or "(none yet)"),
+            info.identity,
+            info.peer,
+            escaped(reason),
+        )
 
     def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
         try:
@@ -237,19 +378,33 @@ class DiscoveryServer:
         context: grpc.aio.ServicerContext[Req, Resp],
         fixed_type: str | None = None,
     ) -> None:
-        """Serve one stream until the client closes it, disconnects, or a request is refused."""
-        session = await self._open_session(context, fixed_type)
+        """Serve one stream until the client closes it, disconnects, a request is refused, or its certificate
+        stops being valid."""
+        what = f"{service} stream"
+        session, credential = await self._open_session(context, what, fixed_type)
         protocol = make(session)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         pending: deque[Req] = deque()
         ended: list[str | None] = []  # set when the reader is done: None, or why the input broke
+        key = id(protocol)
+        opened = _Open(session, wake, credential, service)
+        with self._streams_lock:  # before the certificate check: a change of roots from now on sees the stream
+            self._open[key] = opened
 
         def changed(node_id: str, type_urls: frozenset[str]) -> None:
             try:
                 loop.call_soon_threadsafe(wake.set)
             except RuntimeError:  # the loop is closed: the server is stopping
                 return
+
+        def expire() -> None:  # on the loop, at the chain's NotAfter
+            roots = self.tls.client_roots
+            if self._recheck(key, opened, roots, frozenset(map(fingerprint_of, roots))) is None:
+                with self._streams_lock:
+                    if key in self._revoked:
+                        return
+                opened.timer = loop.call_later(self._seconds_left(opened, _RECHECK_AFTER), expire)
 
         async def read() -> None:
             why: str | None = None
@@ -263,12 +418,14 @@ class DiscoveryServer:
                 ended.append(why)
                 wake.set()
 
-        reader = asyncio.create_task(read())
+        reader: asyncio.Task[None] | None = None
         cancel_watch: Callable[[], None] | None = None
-        key = id(protocol)
         self.metrics.streams.labels(service).inc()
         self._wakes.add(wake)
         try:
+            opened.trust = self._admit(session, credential, what)
+            opened.timer = loop.call_later(self._seconds_left(opened, 0.0), expire)
+            reader = asyncio.create_task(read())
             while not self._closing:
                 await wake.wait()
                 wake.clear()
@@ -277,8 +434,11 @@ class DiscoveryServer:
                 with self._streams_lock:
                     revoked = self._revoked.get(key)
                 if revoked is not None:
-                    session.deny(f"node {session.node_id}", "node", revoked)
-                    raise RequestError(grpc.StatusCode.PERMISSION_DENIED, f"{revoked} (the workloads changed)")
+                    if revoked.node:
+                        session.deny(f"node {session.node_id}", "node", revoked.reason)
+                    else:
+                        self._audit_peer(str(session.identity), what, revoked.reason)
+                    raise RequestError(revoked.code, revoked.message)
                 while pending:
                     protocol.on_request(pending.popleft())
                     if cancel_watch is None and session.node_id is not None:
@@ -296,25 +456,33 @@ class DiscoveryServer:
                     return
         except RequestError as err:
             self.metrics.refused.labels(err.code.name).inc()
-            log.warning("refused %s stream from %s (%s): %s", service, session.identity, session.peer, err)
+            log.warning(
+                "refused %s stream from %s (%s): %s", service, session.identity, session.peer, escaped(err.message)
+            )
             await context.abort(err.code, err.message)
         finally:
             self._wakes.discard(wake)
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
+            if opened.timer is not None:
+                opened.timer.cancel()
             if cancel_watch is not None:
                 cancel_watch()
             self.metrics.streams.labels(service).dec()
             with self._streams_lock:
                 self._streams.pop(key, None)
                 self._live.pop(key, None)
+                self._open.pop(key, None)
                 self._revoked.pop(key, None)
 
     async def fetch(
         self, request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> discovery_pb2.DiscoveryResponse:
-        """The unary ``FetchSecrets``: the current secrets named in the request that the peer may have."""
-        session = await self._open_session(context, SECRET)
+        """The unary ``FetchSecrets``: the current secrets named in the request that the peer may have (the
+        others are audited, in one event)."""
+        session, credential = await self._open_session(context, "FetchSecrets", SECRET)
         try:
+            self._admit(session, credential, "FetchSecrets")
             session.bind_node(request.node.id)
             type_url = session.check_type(request.type_url)
             session.check_names(type_url, request.resource_names)
@@ -322,6 +490,7 @@ class DiscoveryServer:
             self.metrics.refused.labels(err.code.name).inc()
             await context.abort(err.code, err.message)
             raise  # abort() raises; this line is never reached
+        session.audit_requested(type_url, request.resource_names)
         snap = session.snapshot(type_url)
         selected = session.select(type_url, snap, frozenset(request.resource_names))
         session.sent(type_url)
@@ -329,16 +498,64 @@ class DiscoveryServer:
             version_info=snap.version, resources=[r.body for r in selected.values()], type_url=type_url
         )
 
-    async def _open_session(self, context: grpc.aio.ServicerContext[Req, Resp], fixed_type: str | None) -> Session:
+    async def _open_session(
+        self, context: grpc.aio.ServicerContext[Req, Resp], what: str, fixed_type: str | None
+    ) -> tuple[Session, PeerCredential]:
+        """The peer's session, from the auth context: ``UNAUTHENTICATED`` unless it is an X.509-SVID leaf.
+        ``what`` names the call for logs and audit (``ads stream``, ``FetchSecrets``)."""
+        auth = context.auth_context()
         try:
-            cert = peer_certificate(context.auth_context())
-            identity = identity_of(cert)
+            credential = peer_credential(auth)
         except PeerError as err:
             self.metrics.refused.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
-            log.warning("refused stream from %s: %s", context.peer(), err)
+            log.warning("refused %s from %s: %s", what, context.peer(), escaped(err))
+            self._audit_peer(_who(auth, context.peer()), what, str(err))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
             raise  # abort() raises; this line is never reached
-        return Session(self.env, identity, context.peer(), fixed_type, serial_of(cert))
+        session = Session(self.env, credential.identity, context.peer(), fixed_type, serial_of(credential.leaf))
+        return session, credential
+
+    def _admit(self, session: Session, credential: PeerCredential, what: str) -> Trust:
+        """The peer certificate is valid now and chains to the current roots (whatever the handshake was: a
+        resumed session, or a connection older than a change of roots); else ``UNAUTHENTICATED``."""
+        try:
+            return trust_of(credential, self.tls.client_roots, self.env.clock())
+        except PeerError as err:
+            self._audit_peer(str(session.identity), what, str(err))
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(err)) from None
+
+    def _audit_peer(self, peer: str, what: str, reason: str) -> None:
+        self.env.audit.emit(AccessDenied(peer, what, reason, self.env.clock()))
+
+    def _seconds_left(self, opened: _Open, at_least: float) -> float:
+        """Until just after the stream's chain expires, by the clock (and at least ``at_least``)."""
+        if opened.trust is None:
+            return _RECHECK_AFTER
+        return max(at_least, (opened.trust.not_after - self.env.clock()).total_seconds() + 0.05)
+
+
+def _who(auth: Mapping[str, list[bytes]], address: str) -> str:
+    """The SPIFFE ID of a refused peer when its certificate has one, else its address (for the audit)."""
+    try:
+        return str(identity_of(peer_certificate(auth)))
+    except PeerError:
+        return address
+
+
+def _connection_options(
+    options: tuple[tuple[str, int], ...], age: timedelta | None, grace: timedelta, idle: timedelta | None
+) -> tuple[tuple[str, int], ...]:
+    ours: list[tuple[str, int]] = []
+    if age is not None:
+        ours += [("grpc.max_connection_age_ms", _ms(age)), ("grpc.max_connection_age_grace_ms", _ms(grace))]
+    if idle is not None:
+        ours.append(("grpc.max_connection_idle_ms", _ms(idle)))
+    keys = {key for key, _ in ours}
+    return (*(option for option in options if option[0] not in keys), *ours)
+
+
+def _ms(duration: timedelta) -> int:
+    return max(1, int(duration.total_seconds() * 1000))
 
 
 class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
