@@ -268,6 +268,9 @@ class _Server(ThreadingHTTPServer):
     from the accepting thread, without blocking (its send buffer is empty), and closed."""
 
     daemon_threads = True
+    # The kernel's queue of connections not yet accepted: socketserver's default of 5 drops the SYNs of a burst
+    # (clients retry after a second); with room for a burst, the ones beyond the bound get their 503 at once.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
         self.max_connections = max_connections
