@@ -6,7 +6,7 @@ every stream has acknowledged its new secret; server memory per connected stream
 
 For each K a fresh server process runs our DiscoveryServer (mTLS, BindingAuthorizer) in its xDS thread.
 The proxies are ADS state-of-the-world streams opened by separate client processes (``--clients``, about
-1,000 streams each: one client process cannot hold 10,000 streams, see FINDINGS.md). Proxies belong to
+1,000 streams each: one client process cannot hold 10,000 streams). Proxies belong to
 ``--identities`` identities (a service with many instances); each identity's proxies share one TLS connection
 with that identity's client certificate, so there are as many connections as identities. Each stream asks
 for its identity's certificate secret and the trust bundle, and ACKs every response.

@@ -141,7 +141,7 @@ _SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("list
 
 
 def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
-    """The ``identities`` list: SPIFFE IDs of the trust domain, each once (until the mesh file lists them)."""
+    """The ``identities`` list: SPIFFE IDs of the trust domain, each once (kept issued besides the registry's)."""
     if value is None:
         return ()
     if not isinstance(value, list):

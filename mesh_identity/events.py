@@ -110,7 +110,7 @@ class NullSink:
 
 
 class ListSink:
-    """Collects events in memory (for tests and the CLI)."""
+    """Collects events in memory (for tests)."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []

@@ -1,4 +1,4 @@
-"""Plugins: the hook specifications, the plugin manager facade, and bundled plugins (audit, monitoring)."""
+"""Plugins: the hook specifications, the plugin manager facade, and bundled plugins (audit)."""
 
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def test_steps_out_of_order_are_refused(make_service, steps, step, message):
 
 
 class Acks:
-    """An acknowledgement source as the xDS server will offer: which proxies hold what."""
+    """An acknowledgement source like the one the xDS server offers: which proxies hold what."""
 
     def __init__(self) -> None:
         self.without_bundle: list[str] = []

@@ -1,6 +1,7 @@
 """The xDS server of a mesh: the mesh model, the workload SVIDs and the trust bundle, served to the sidecars.
 
-:class:`MeshPublisher` is what ``mesh-identity serve`` runs. Feed it as things change, from any thread:
+:class:`MeshPublisher` is what :class:`~xds_sds.mesh.component.XdsComponent` runs for ``mesh-identity serve``.
+Feed it as things change, from any thread:
 
 * :meth:`MeshPublisher.update_identity` with a new X509Svid (the rotation engine's subscribe callback): the
   certificate secret of every sidecar of that identity is replaced; only their Secret type changes, only
@@ -15,9 +16,9 @@
   again: the streams of a node that left the mesh, or that now belongs to another identity than the
   certificate the stream was opened with, end with ``PERMISSION_DENIED``.
 
-Root rotation asks which sidecars have acknowledged what: :class:`MeshPublisher` is the rotation engine's
-``AckSource`` (:meth:`MeshPublisher.proxies_missing_bundle`, :meth:`MeshPublisher.proxies_chaining_to`), and a
-``Component`` of ``Service`` (``start``/``stop``).
+Root rotation asks which sidecars have acknowledged what: :class:`MeshPublisher` answers as an ``AckSource``
+(:meth:`MeshPublisher.proxies_missing_bundle`, :meth:`MeshPublisher.proxies_chaining_to`), through the
+:class:`~xds_sds.mesh.component.XdsComponent` that is the ``Service``'s component and ack source.
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def _holds(fingerprint: str) -> Callable[[any_pb2.Any], bool]:
     return check
 
 
-if TYPE_CHECKING:  # MeshPublisher is what root rotation asks (checked by mypy)
+if TYPE_CHECKING:  # MeshPublisher answers what root rotation asks: an AckSource (checked by mypy)
     from mesh_identity.rotation.roots import AckSource
 
     def _is_ack_source(server: MeshPublisher) -> AckSource:
