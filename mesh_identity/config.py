@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mesh_identity.document import read_yaml
+from mesh_identity.document import read_yaml, shown
 from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
 from mesh_identity.keys import KeyType
@@ -76,7 +76,7 @@ class Config:
 
 def _string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: {value!r} is not a non-empty string")
+        raise ConfigError(f"{path}: {shown(value)} is not a non-empty string")
     return value
 
 
@@ -89,13 +89,13 @@ def _duration(value: Any, path: str) -> timedelta:
 
 def _fraction(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ConfigError(f"{path}: {value!r} is not a fraction strictly between 0 and 1")
+        raise ConfigError(f"{path}: {shown(value)} is not a fraction strictly between 0 and 1")
     return float(value)
 
 
 def _jitter(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 0.5:
-        raise ConfigError(f"{path}: {value!r} is not a fraction in [0, 0.5)")
+        raise ConfigError(f"{path}: {shown(value)} is not a fraction in [0, 0.5)")
     return float(value)
 
 
@@ -105,7 +105,7 @@ def _enum(kind: type[Mode] | type[KeyType]) -> Callable[[Any, str], Any]:
             return kind(value)
         except ValueError:
             choices = ", ".join(k.value for k in kind)
-            raise ConfigError(f"{path}: {value!r} is not one of {choices}") from None
+            raise ConfigError(f"{path}: {shown(value)} is not one of {choices}") from None
 
     return parse
 
@@ -114,7 +114,7 @@ def _mapping(value: Any, path: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{path}: {value!r} is not a mapping")
+        raise ConfigError(f"{path}: {shown(value)} is not a mapping")
     return dict(value)
 
 
@@ -122,7 +122,7 @@ def _listen(value: Any, path: str) -> ListenConfig:
     text = _string(value, path)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{path}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9102; port 0 picks a free one)")
+        raise ConfigError(f"{path}: {shown(value)} is not HOST:PORT (e.g. 127.0.0.1:9102; port 0 picks a free one)")
     return ListenConfig(host.strip("[]"), int(port))
 
 
@@ -145,7 +145,7 @@ def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError(f"identities: {value!r} is not a list of SPIFFE IDs")
+        raise ConfigError(f"identities: {shown(value)} is not a list of SPIFFE IDs")
     found: dict[SpiffeId, None] = {}
     for index, item in enumerate(value):
         path = f"identities[{index}]"
@@ -189,8 +189,8 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
     ca = CaConfig(**ca_values)
     if ca.workload_ttl >= ca.intermediate_ttl and ca.mode is Mode.INTERMEDIATE:
         raise ConfigError(
-            f"ca.workload_ttl: {ca_raw.get('workload_ttl', '1h')!r} is not shorter than ca.intermediate_ttl "
-            f"{ca_raw.get('intermediate_ttl', '24h')!r}; a workload certificate cannot outlive its issuer"
+            f"ca.workload_ttl: {shown(ca_raw.get('workload_ttl', '1h'))} is not shorter than ca.intermediate_ttl "
+            f"{shown(ca_raw.get('intermediate_ttl', '24h'))}; a workload certificate cannot outlive its issuer"
         )
     listens: dict[str, ListenConfig | None] = {}
     sections: dict[str, Mapping[str, Any]] = {}
@@ -200,10 +200,10 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         listens[section] = _listen(raw["listen"], f"{section}.listen") if "listen" in raw else None
     beyond = sections["metrics"].get("admin_beyond_loopback", False)
     if not isinstance(beyond, bool):
-        raise ConfigError(f"metrics.admin_beyond_loopback: {beyond!r} is not true or false")
+        raise ConfigError(f"metrics.admin_beyond_loopback: {shown(beyond)} is not true or false")
     ack_timeout = _duration(sections["xds"].get("ack_timeout", "1m"), "xds.ack_timeout")
     if ack_timeout <= timedelta(0):
-        raise ConfigError(f"xds.ack_timeout: {sections['xds']['ack_timeout']!r} is not a positive duration")
+        raise ConfigError(f"xds.ack_timeout: {shown(sections['xds']['ack_timeout'])} is not a positive duration")
     mesh_file = base_dir / _string(data["mesh_file"], "mesh_file") if "mesh_file" in data else None
     return Config(
         trust_domain=trust_domain,

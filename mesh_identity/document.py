@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,29 +25,42 @@ def read_yaml(path: Path, label: str, max_bytes: int) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{label}: {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: {path} nests its lists or mappings too deeply") from None
+
+
+_SHOWN = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOWN.maxlevel, _SHOWN.maxdict, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxset = 3, 6, 6, 6, 6
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 80, 80, 40
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error message, as ``repr`` shows it but bounded (a YAML document of nested aliases
+    expands to gigabytes in full): long strings, deep nesting and long collections are cut with ``...``."""
+    return _SHOWN.repr(value)
 
 
 def mapping(value: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{path}: {value!r} is not a mapping")
+        raise ConfigError(f"{path}: {shown(value)} is not a mapping")
     return value
 
 
 def sequence(value: Any, path: str) -> list[Any]:
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: {value!r} is not a list")
+        raise ConfigError(f"{path}: {shown(value)} is not a list")
     return value
 
 
 def string(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: {value!r} is not a non-empty string")
+        raise ConfigError(f"{path}: {shown(value)} is not a non-empty string")
     return value
 
 
 def integer(value: Any, path: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}: {value!r} is not an integer")
+        raise ConfigError(f"{path}: {shown(value)} is not an integer")
     if not low <= value <= high:
         raise ConfigError(f"{path}: {value} is out of range ({low}-{high})")
     return value

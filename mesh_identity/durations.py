@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 HINT = "use 30m, 24h, 7d"
+LONGEST = timedelta(days=36_500)  # a century: beyond any certificate lifetime, and far inside timedelta's range
 
 
 def parse_duration(text: str) -> timedelta:
@@ -25,7 +27,13 @@ def parse_duration(text: str) -> timedelta:
         raise ValueError(f"{text!r} is not a duration ({HINT})")
     if seconds <= 0:
         raise ValueError(f"{text!r} is not a positive duration ({HINT})")
+    if not math.isfinite(seconds) or seconds > LONGEST.total_seconds():
+        raise ValueError(f"{_shown(text)} is longer than {LONGEST.days} days ({HINT})")
     return timedelta(seconds=seconds)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def format_duration(value: timedelta) -> str:

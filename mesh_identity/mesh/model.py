@@ -40,7 +40,7 @@ from typing import Any
 
 from mesh_identity.document import keys as _keys
 from mesh_identity.document import mapping as _mapping
-from mesh_identity.document import read_yaml, workload_id
+from mesh_identity.document import read_yaml, shown, workload_id
 from mesh_identity.document import sequence as _list
 from mesh_identity.document import string as _string
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
@@ -148,7 +148,7 @@ def _address(value: Any, path: str) -> Address:
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{path}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+        raise ConfigError(f"{path}: {shown(value)} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     number = int(port)
     if not 1 <= number <= 65535:
         raise ConfigError(f"{path}: port {number} is out of range (1-65535)")

@@ -37,6 +37,8 @@ def regex_problem(pattern: str) -> str | None:
         re.compile(pattern)
     except re.error as err:
         return f"it does not compile: {err}"
+    except (OverflowError, RecursionError):  # a repeat count beyond any limit, nesting beyond the parser's
+        return "it does not compile: it is too large or nests too deeply"
     feature = _unsupported(pattern)
     return None if feature is None else f"it uses {feature}, which Envoy's RE2 does not support"
 

@@ -39,7 +39,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mesh_identity.document import integer, keys, mapping, sequence, string, workload_id
+from mesh_identity.document import integer, keys, mapping, sequence, shown, string, workload_id
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
 from mesh_identity.mesh.policy import (
     HTTP_METHODS,
@@ -76,7 +76,7 @@ def parse_policy(permissive: Any, documents: Any, trust_domain: TrustDomain) -> 
     if permissive is None:
         permissive = False
     if not isinstance(permissive, bool):
-        raise ConfigError(f"permissive: {permissive!r} is not true or false")
+        raise ConfigError(f"permissive: {shown(permissive)} is not true or false")
     items = sequence([] if documents is None else documents, "policies")
     parsed = [_document(item, f"policies[{i}]") for i, item in enumerate(items)]
     seen: dict[tuple[str, str, str], str] = {}
@@ -97,11 +97,11 @@ def _document(value: Any, path: str) -> Document:
     keys(section, ("apiVersion", "kind", "metadata", "spec"), ("kind", "metadata", "spec"), path)
     kind = string(section["kind"], f"{path}.kind")
     if kind not in API_GROUPS:
-        raise ConfigError(f"{path}.kind: {kind!r} is not one of {', '.join(API_GROUPS)}")
+        raise ConfigError(f"{path}.kind: {shown(kind)} is not one of {', '.join(API_GROUPS)}")
     if "apiVersion" in section:
         api = string(section["apiVersion"], f"{path}.apiVersion")
         if api.partition("/")[0] != API_GROUPS[kind]:
-            raise ConfigError(f"{path}.apiVersion: a {kind} is in API group {API_GROUPS[kind]}, not {api!r}")
+            raise ConfigError(f"{path}.apiVersion: a {kind} is in API group {API_GROUPS[kind]}, not {shown(api)}")
     metadata = mapping(section["metadata"], f"{path}.metadata")
     if "name" not in metadata:
         raise ConfigError(f"{path}.metadata.name: required")
@@ -185,7 +185,7 @@ def _identity(value: Any, path: str, namespace: str, trust_domain: TrustDomain) 
                 namespace = string(section["namespace"], f"{path}.namespace")
             return SpiffeId.for_kubernetes(trust_domain, namespace, name)
         if kind != "SpiffeId":
-            raise ConfigError(f"{path}.kind: {kind!r} is not one of ServiceAccount, SpiffeId")
+            raise ConfigError(f"{path}.kind: {shown(kind)} is not one of ServiceAccount, SpiffeId")
         keys(section, ("kind", "id"), ("id",), path)
         identity = SpiffeId.parse(string(section["id"], f"{path}.id"))
     except InvalidSpiffeIdError as err:
@@ -236,7 +236,7 @@ def _rule(
             raise ConfigError(f"{path}.name: no TCPRoute {name!r} in namespace {namespace}")
         return TcpRule(name, route.ports)
     if kind != "HTTPRouteGroup":
-        raise ConfigError(f"{path}.kind: {kind!r} is not one of HTTPRouteGroup, TCPRoute")
+        raise ConfigError(f"{path}.kind: {shown(kind)} is not one of HTTPRouteGroup, TCPRoute")
     group = groups.get((namespace, name))
     if group is None:
         raise ConfigError(f"{path}.name: no HTTPRouteGroup {name!r} in namespace {namespace}")

@@ -9,6 +9,9 @@ Each stream runs one loop: a reader task queues requests, cache changes for the 
 after each wake the protocol state machine says what to send. A request the server refuses ends the stream
 with a gRPC status (``INVALID_ARGUMENT`` for malformed requests, ``UNAUTHENTICATED`` for a peer without a
 SPIFFE ID, ``PERMISSION_DENIED`` for a node the peer may not speak for); other streams are unaffected.
+``FetchSecrets`` refuses the same way with its call's status. Its request arrives as bytes (the SDS service is
+registered here, not by ``sds_pb2_grpc``, with no request deserializer for that method) and the server parses
+it, so bytes that are not a ``DiscoveryRequest`` are ``INVALID_ARGUMENT`` there too, not gRPC's ``UNKNOWN``.
 
 A handshake is not trusted forever. Every new stream (and every ``FetchSecrets``) reads the peer certificate
 from the auth context and checks it again: the X.509-SVID leaf profile, its NotAfter, and its chain to the
@@ -32,12 +35,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from envoy.service.secret.v3 import sds_pb2_grpc
+from envoy.service.secret.v3 import sds_pb2
 from google.protobuf.message import DecodeError, Message
 
 from mesh_identity.clock import Clock, utcnow
@@ -91,6 +94,8 @@ DEFAULT_MAX_CONNECTION_AGE_GRACE = timedelta(minutes=1)
 # certificate). Closed, it reconnects with a new handshake and its current certificate.
 DEFAULT_MAX_CONNECTION_IDLE = timedelta(seconds=1)
 _RECHECK_AFTER = 1.0  # seconds: when a stream's timer fired before its NotAfter by the clock, look again then
+MALFORMED = "malformed request: it is not a valid discovery request message"
+SDS_SERVICE: str = sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name
 
 
 class _Protocol(Protocol[Req_contra, Resp_co]):
@@ -328,7 +333,10 @@ class DiscoveryServer:
 
     @staticmethod
     def _closing_log(info: StreamInfo, reason: str) -> None:
-        log.warning(
+        """INFO: ending a stream at its certificate's NotAfter, or after the workloads or the bundle changed, is
+        the server doing its job (a sidecar reconnects with its renewed certificate; one that may no longer
+        connect is refused, and that refusal is logged as a warning and audited)."""
+        log.info(
             "closing the %s stream of node %s (%s, %s): %s",
             info.service,
             escaped(info.node_id or "(none yet)"),
@@ -350,7 +358,7 @@ class DiscoveryServer:
     async def _serve(self, ready: threading.Event) -> None:
         server = grpc.aio.server(options=list(self._options))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Ads(self), server)
-        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Sds(self), server)
+        _add_sds(_Sds(self), server)
         port = server.add_secure_port(self._address, self.tls.credentials())
         if port == 0:
             raise OSError(f"cannot listen on {self._address}")
@@ -413,7 +421,7 @@ class DiscoveryServer:
                     pending.append(request)
                     wake.set()
             except DecodeError:
-                why = "malformed request: it is not a valid discovery request message"
+                why = MALFORMED
             finally:
                 ended.append(why)
                 wake.set()
@@ -476,18 +484,21 @@ class DiscoveryServer:
                 self._revoked.pop(key, None)
 
     async def fetch(
-        self, request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext[Req, Resp]
+        self, data: bytes, context: grpc.aio.ServicerContext[bytes, discovery_pb2.DiscoveryResponse]
     ) -> discovery_pb2.DiscoveryResponse:
-        """The unary ``FetchSecrets``: the current secrets named in the request that the peer may have (the
-        others are audited, in one event)."""
+        """The unary ``FetchSecrets``, its request still serialized (``data``): the current secrets named in the
+        request that the peer may have (the others are audited, in one event). The peer is checked before its
+        bytes are parsed; bytes that are not a ``DiscoveryRequest`` are ``INVALID_ARGUMENT``."""
         session, credential = await self._open_session(context, "FetchSecrets", SECRET)
         try:
             self._admit(session, credential, "FetchSecrets")
+            request = _discovery_request(data)
             session.bind_node(request.node.id)
             type_url = session.check_type(request.type_url)
             session.check_names(type_url, request.resource_names)
         except RequestError as err:
             self.metrics.refused.labels(err.code.name).inc()
+            log.warning("refused FetchSecrets from %s (%s): %s", session.identity, session.peer, escaped(err.message))
             await context.abort(err.code, err.message)
             raise  # abort() raises; this line is never reached
         session.audit_requested(type_url, request.resource_names)
@@ -499,7 +510,7 @@ class DiscoveryServer:
         )
 
     async def _open_session(
-        self, context: grpc.aio.ServicerContext[Req, Resp], what: str, fixed_type: str | None
+        self, context: grpc.aio.ServicerContext[Any, Any], what: str, fixed_type: str | None
     ) -> tuple[Session, PeerCredential]:
         """The peer's session, from the auth context: ``UNAUTHENTICATED`` unless it is an X.509-SVID leaf.
         ``what`` names the call for logs and audit (``ads stream``, ``FetchSecrets``)."""
@@ -532,6 +543,14 @@ class DiscoveryServer:
         if opened.trust is None:
             return _RECHECK_AFTER
         return max(at_least, (opened.trust.not_after - self.env.clock()).total_seconds() + 0.05)
+
+
+def _discovery_request(data: bytes) -> discovery_pb2.DiscoveryRequest:
+    """``data`` parsed; ``INVALID_ARGUMENT`` when it is not a serialized ``DiscoveryRequest``."""
+    try:
+        return discovery_pb2.DiscoveryRequest.FromString(data)
+    except DecodeError:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED) from None
 
 
 def _who(auth: Mapping[str, list[bytes]], address: str) -> str:
@@ -577,7 +596,9 @@ class _Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[mis
         await self._server.run_stream("ads-delta", DeltaStream, requests, context)
 
 
-class _Sds(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+class _Sds:
+    """The SDS service's methods, registered by :func:`_add_sds`."""
+
     def __init__(self, server: DiscoveryServer) -> None:
         self._server = server
 
@@ -596,8 +617,37 @@ class _Sds(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
         await self._server.run_stream("sds-delta", DeltaStream, requests, context, SECRET)
 
     async def FetchSecrets(
-        self,
-        request: discovery_pb2.DiscoveryRequest,
-        context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
+        self, data: bytes, context: grpc.aio.ServicerContext[bytes, discovery_pb2.DiscoveryResponse]
     ) -> discovery_pb2.DiscoveryResponse:
-        return await self._server.fetch(request, context)
+        return await self._server.fetch(data, context)
+
+
+def _add_sds(servicer: _Sds, server: grpc.aio.Server) -> None:
+    """Register the SDS service as ``sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server`` does (a generic
+    handler, and the same handlers as registered methods, which take precedence), except that ``FetchSecrets``
+    has no request deserializer: gRPC would answer ``UNKNOWN`` for bytes it cannot parse, before the servicer
+    runs; :meth:`DiscoveryServer.fetch` parses them and refuses them with ``INVALID_ARGUMENT``. The streams keep
+    gRPC's parsing, whose ``DecodeError`` reaches :meth:`DiscoveryServer.run_stream` through the request
+    iterator."""
+    request, response = discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
+    delta_request, delta_response = discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        "StreamSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamSecrets,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        ),
+        "DeltaSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaSecrets,
+            request_deserializer=delta_request.FromString,
+            response_serializer=delta_response.SerializeToString,
+        ),
+        "FetchSecrets": grpc.unary_unary_rpc_method_handler(
+            servicer.FetchSecrets, request_deserializer=None, response_serializer=response.SerializeToString
+        ),
+    }
+    methods = set(sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].methods_by_name)
+    if methods != set(handlers):  # a new envoy release changed the service: serve all of it, or say so
+        raise RuntimeError(f"{SDS_SERVICE} has the methods {sorted(methods)}, this server serves {sorted(handlers)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SDS_SERVICE, handlers),))
+    server.add_registered_method_handlers(SDS_SERVICE, handlers)
