@@ -23,6 +23,7 @@ from pathlib import Path
 from mesh_identity.errors import ProviderError, ProviderRejectedError
 from providers.vault.connection import NAME, Connection, Grant
 from providers.vault.errors import (
+    VaultAnswerError,
     VaultLoginError,
     VaultPermissionDeniedError,
     VaultRequestError,
@@ -316,6 +317,8 @@ class TokenKeeper:
                 raise self._expired_error() from None
             self.login()
             return
+        except VaultAnswerError:
+            raise  # a malformed answer says nothing about the lease: try again (with backoff), and say so
         except ProviderRejectedError:
             # "lease is not renewable" or "past the max TTL, cannot renew"
             if self.method.fresh_on_login:

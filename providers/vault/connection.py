@@ -2,23 +2,32 @@
 requests errors into ours, and the non-PKI calls (health, token lookup and renewal, logins) as typed methods.
 
 This module and :mod:`providers.vault.pki` are the only places that touch hvac; nothing hvac-shaped (its
-exceptions, its untyped dicts) leaves them.
+exceptions, its untyped dicts) leaves them: answers are read with :mod:`providers.vault.answers`, and what hvac
+itself raises on an answer it cannot read becomes a :class:`~providers.vault.errors.VaultAnswerError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import threading
+import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import hvac
+import hvac.adapters
 import hvac.exceptions
+import hvac.utils
 import requests
 import requests.adapters
 
 from mesh_identity.errors import ProviderError, ProviderRejectedError
+from providers.vault.answers import Fields, answer_of, data_of
 from providers.vault.errors import (
+    VaultAnswerError,
     VaultPermissionDeniedError,
     VaultRequestError,
     VaultSealedError,
@@ -95,6 +104,40 @@ class SameOriginSession(requests.Session):
         super().rebuild_auth(prepared_request, response)
 
 
+def _error_texts(errors: object) -> list[str] | None:
+    """Vault's ``errors`` as a list of strings (None when there is none to read)."""
+    if errors is None:
+        return None
+    if isinstance(errors, str):
+        return [errors]
+    items = errors if isinstance(errors, list) else [errors]
+    return [item if isinstance(item, str) else json.dumps(item) for item in items if item is not None]
+
+
+class VaultAdapter(hvac.adapters.JSONAdapter):  # type: ignore[misc]  # hvac is untyped
+    """hvac's JSON adapter, raising the status's hvac exception for an error answer of any shape. hvac's own
+    ``_raise_for_error`` calls ``.get`` on whatever JSON came (AttributeError for a body of ``null`` or a list)
+    and joins ``errors`` as strings (TypeError for numbers or objects, and one string is joined letter by
+    letter), so a 403 with an odd body was no :class:`hvac.exceptions.Forbidden`, and its token not checked."""
+
+    def _raise_for_error(self, method: str, url: str, response: requests.Response) -> NoReturn:
+        try:
+            text: str | None = response.text
+        except Exception:  # as hvac does: no text is still the status's error
+            text = None
+        document: object = None
+        if response.headers.get("Content-Type") == "application/json":  # as hvac decides it
+            try:
+                document = response.json()
+            except (ValueError, RecursionError):
+                document = None
+        errors = _error_texts(document.get("errors")) if isinstance(document, Mapping) else None
+        hvac.utils.raise_for_error(
+            method, url, response.status_code, text if errors is None else None, errors=errors, text=text, json=document
+        )
+        raise AssertionError("hvac.utils.raise_for_error returned")  # pragma: no cover (it always raises)
+
+
 def build_client(settings: VaultSettings) -> hvac.Client:
     """An hvac client for ``settings``: verification always on (the system CAs unless ``ca_cert``), redirects
     followed only within Vault's address (:class:`SameOriginSession`)."""
@@ -105,6 +148,7 @@ def build_client(settings: VaultSettings) -> hvac.Client:
     if settings.tls_server_name:
         session.mount("https://", ServerNameAdapter(settings.tls_server_name))
     return hvac.Client(
+        adapter=VaultAdapter,
         url=settings.address,
         namespace=settings.namespace,
         session=session,
@@ -175,13 +219,28 @@ class Grant:
     policies: tuple[str, ...]
 
     @classmethod
-    def from_auth(cls, auth: dict[str, Any]) -> Grant:
+    def from_auth(cls, auth: Fields) -> Grant:
+        """From the ``auth`` object of a login answer."""
         return cls(
-            token=str(auth["client_token"]),
-            lease_duration=float(auth.get("lease_duration") or 0),
-            renewable=bool(auth.get("renewable")),
-            policies=tuple(auth.get("policies") or ()),
+            token=auth.string("client_token", nonempty=True),
+            lease_duration=auth.seconds("lease_duration", 0.0),
+            renewable=auth.boolean("renewable", False),
+            policies=auth.strings("policies"),
         )
+
+
+_HVAC = os.path.dirname(hvac.__file__) + os.sep
+_HERE = os.path.dirname(__file__) + os.sep
+
+
+def _raised_by_hvac(err: BaseException) -> bool:
+    """``err`` came out of hvac's code (or below it), not out of ours (our lambda, or what hvac calls back)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return (
+        bool(frames)
+        and not frames[-1].filename.startswith(_HERE)
+        and any(frame.filename.startswith(_HVAC) for frame in frames)
+    )
 
 
 class Connection:
@@ -190,9 +249,25 @@ class Connection:
     def __init__(self, settings: VaultSettings) -> None:
         self.settings = settings
         self.client = build_client(settings)
+        self._answers = threading.local()  # the last answer this thread received: (method, url, status, type)
+        self.client.adapter.session.hooks["response"].append(self._received)
+
+    def _received(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        request = response.request
+        self._answers.last = (
+            request.method if request is not None else None,
+            response.url,
+            response.status_code,
+            response.headers.get("Content-Type"),
+        )
+
+    def where(self, path: str) -> str:
+        """``pki/sign/web`` with the namespace label: how an API path is named in messages."""
+        return f"{path}{self.settings.namespace_label}"
 
     def call(self, what: str, function: Callable[[], T]) -> T:
         """Run ``function`` (an hvac call); ``what`` names the operation in error messages."""
+        self._answers.last = None
         try:
             return function()
         except hvac.exceptions.VaultError as err:
@@ -218,6 +293,19 @@ class Connection:
             ) from err
         except requests.exceptions.RequestException as err:
             raise VaultUnreachableError(NAME, f"{what}: request to Vault failed: {err}") from err
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError) as err:
+            # hvac reading an answer it did not expect (json.loads nesting too deep: RecursionError)
+            answer = self._answers.last
+            if answer is None or not _raised_by_hvac(err):
+                raise  # not about an answer: before any came, or a bug of ours
+            method, url, status, content_type = answer
+            path = self.where(api_path(url))
+            raise VaultAnswerError(
+                NAME,
+                f"{path}: hvac could not read the answer ({(method or '?').upper()}, HTTP {status}, "
+                f"{content_type or 'no content type'}: {type(err).__name__})",
+                path=path,
+            ) from err
 
     def translate(self, what: str, err: hvac.exceptions.VaultError) -> ProviderError:
         """The provider error for an hvac error; :mod:`providers.vault.pki` refines 400s and 404s."""
@@ -271,25 +359,26 @@ class Connection:
 
     def health(self) -> ServerHealth:
         """``sys/health`` (no token needed); a standby counts as healthy."""
-        answer: Any = self.call(
+        path = self.where("sys/health")
+        answer: object = self.call(
             "check Vault's health", lambda: self.client.sys.read_health_status(method="GET", standby_ok=True)
         )
-        body: Any
-        if isinstance(answer, dict):  # hvac returns the document itself only for a 200
-            ok, status, body = True, 200, answer
-        else:
-            ok, status = False, int(answer.status_code)
+        if isinstance(answer, requests.Response) and answer.status_code != 200:
+            # hvac returns the document itself only for a 200; another status says enough without a body
+            ok, status = False, answer.status_code
             try:
-                body = answer.json()
-            except ValueError:
-                body = {}
-        initialized = body.get("initialized")
+                document = answer.json()
+            except (ValueError, RecursionError):
+                document = None
+            body = answer_of(document, path) if isinstance(document, Mapping) else Fields(path, "", {})
+        else:
+            ok, status, body = True, 200, answer_of(answer, path)
         return ServerHealth(
             ok=ok,
             status=status,
-            version=str(body.get("version", "?")),
-            initialized=initialized if isinstance(initialized, bool) else None,
-            sealed=bool(body.get("sealed")),
+            version=body.string("version", "?"),
+            initialized=body.boolean("initialized", None),
+            sealed=body.boolean("sealed", False),
         )
 
     def use_token(self, token: str) -> None:
@@ -299,12 +388,12 @@ class Connection:
     def lookup_token(self) -> TokenInfo:
         """``auth/token/lookup-self`` for the token in use."""
         answer = self.call("look up the Vault token", self.client.auth.token.lookup_self)
-        info = answer["data"]
+        info = data_of(answer, self.where("auth/token/lookup-self"))
         return TokenInfo(
-            ttl=float(info.get("ttl") or 0),
-            creation_ttl=float(info.get("creation_ttl") or 0),
-            renewable=bool(info.get("renewable")),
-            policies=tuple(info.get("policies") or ()),
+            ttl=info.seconds("ttl", 0.0),
+            creation_ttl=info.seconds("creation_ttl", 0.0),
+            renewable=info.boolean("renewable", False),
+            policies=info.strings("policies"),
         )
 
     def renew_token(self, increment: int) -> float:
@@ -312,21 +401,21 @@ class Connection:
         answer = self.call(
             "renew the Vault token", lambda: self.client.auth.token.renew_self(increment=f"{increment}s")
         )
-        return float(answer["auth"].get("lease_duration") or 0)
+        return answer_of(answer, self.where("auth/token/renew-self")).fields("auth").seconds("lease_duration", 0.0)
 
     def login_approle(self, what: str, role_id: str, secret_id: str, mount: str) -> Grant:
         """An AppRole login at ``auth/<mount>``; ``what`` names it in error messages. The token is not used yet."""
         answer = self.call(
             what, lambda: self.client.auth.approle.login(role_id, secret_id, use_token=False, mount_point=mount)
         )
-        return Grant.from_auth(answer["auth"])
+        return Grant.from_auth(answer_of(answer, self.where(f"auth/{mount}/login")).fields("auth"))
 
     def login_kubernetes(self, what: str, role: str, jwt: str, mount: str) -> Grant:
         """A Kubernetes login at ``auth/<mount>``; ``what`` names it in error messages. The token is not used yet."""
         answer = self.call(
             what, lambda: self.client.auth.kubernetes.login(role, jwt, use_token=False, mount_point=mount)
         )
-        return Grant.from_auth(answer["auth"])
+        return Grant.from_auth(answer_of(answer, self.where(f"auth/{mount}/login")).fields("auth"))
 
     def close(self) -> None:
         self.client.adapter.close()

@@ -15,10 +15,13 @@ They refine the core's provider errors (``retryable`` tells the rotation engine 
     │   ├── VaultPermissionDeniedError   403 with a valid token: its policies do not allow the path
     │   ├── VaultRoleError               the PKI role does not exist or refused the request (SAN, key type, CN)
     │   ├── VaultTtlError                the TTL was refused (past the CA's expiry, not a duration)
-    │   └── VaultMountError              no PKI engine at the mount, or no CA in it
+    │   ├── VaultMountError              no PKI engine at the mount, or no CA in it
+    │   └── VaultAnswerError             an answer not of the shape Vault's API documents (a field missing or of
+    │                                    another type, no JSON where JSON belongs, a body hvac cannot read)
     └── VaultTlsError                    the TLS handshake with Vault failed (CA bundle, name, client cert)
 
-hvac and requests exceptions become one of these in :mod:`providers.vault.connection`, with ``raise ... from``.
+hvac and requests exceptions become one of these in :mod:`providers.vault.connection`, with ``raise ... from``;
+answers are read through :mod:`providers.vault.answers`, which raises :class:`VaultAnswerError`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,19 @@ class VaultTtlError(ProviderRejectedError):
 
 class VaultMountError(ProviderRejectedError):
     """No PKI secrets engine at the configured mount, or no CA in it."""
+
+
+class VaultAnswerError(ProviderRejectedError):
+    """Vault's answer did not have the shape its API documents: a field missing or of another type, no JSON
+    object where one belongs, or a body hvac could not read. Something else answers at the address (a proxy, a
+    load balancer's error page, another server), or a Vault version this provider does not know. ``path`` is
+    the API path asked (with the namespace label), ``key`` the field (``data.certificate``; empty for the
+    answer as a whole). The message names both and never quotes the value (an answer may carry a token)."""
+
+    def __init__(self, provider: str, message: str, *, path: str, key: str = "") -> None:
+        super().__init__(provider, message)
+        self.path = path
+        self.key = key
 
 
 class VaultTlsError(ProviderError):

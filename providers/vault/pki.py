@@ -1,7 +1,7 @@
 """Vault's PKI secrets engine as the provider uses it: signing, reading the CA chain and a role.
 
-Answers are parsed here into certificates (never trusted as text), and Vault's 400/404 answers become errors that
-name the mount, the role and the fix.
+Answers are read with :mod:`providers.vault.answers` and parsed here into certificates (never trusted as text),
+and Vault's 400/404 answers become errors that name the mount, the role and the fix.
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import hvac.utils
+import requests
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from mesh_identity.errors import ProviderError, ProviderRejectedError
+from providers.vault.answers import Fields, answer_of, data_of, kind
 from providers.vault.connection import NAME, Connection
-from providers.vault.errors import VaultMountError, VaultRequestError, VaultRoleError, VaultTtlError
+from providers.vault.errors import VaultAnswerError, VaultMountError, VaultRequestError, VaultRoleError, VaultTtlError
 
 T = TypeVar("T")
 
@@ -50,15 +53,12 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def parse_certs(texts: Sequence[str] | str | None, what: str) -> list[x509.Certificate]:
-    """PEM certificates from a string or a list of strings (Vault uses both)."""
-    if not texts:
-        return []
-    joined = texts if isinstance(texts, str) else "\n".join(texts)
-    if "-----BEGIN CERTIFICATE-----" not in joined:
+def parse_certs(text: str, what: str) -> list[x509.Certificate]:
+    """PEM certificates from PEM text (none when it holds no certificate block)."""
+    if "-----BEGIN CERTIFICATE-----" not in text:
         return []
     try:
-        return list(x509.load_pem_x509_certificates(joined.encode()))
+        return list(x509.load_pem_x509_certificates(text.encode()))
     except ValueError as err:
         raise ProviderRejectedError(NAME, f"Vault returned {what} that is not valid PEM: {err}") from None
 
@@ -89,24 +89,26 @@ class Role:
     enforce_hostnames: bool
 
     @classmethod
-    def from_data(cls, name: str, data: dict[str, Any]) -> Role:
-        def duration(value: Any) -> timedelta | None:
-            return timedelta(seconds=int(value)) if isinstance(value, int | float) and value > 0 else None
-
-        uris = data.get("allowed_uri_sans") or []
+    def from_data(cls, name: str, data: Fields) -> Role:
+        """From the ``data`` of a role read; unset fields take Vault's defaults."""
         return cls(
             name=name,
-            allowed_uri_sans=tuple(uris.split(",") if isinstance(uris, str) else uris),
-            max_ttl=duration(data.get("max_ttl")),
-            ttl=duration(data.get("ttl")),
-            key_type=str(data.get("key_type") or "rsa"),
-            key_bits=int(data.get("key_bits") or 0),
-            require_cn=bool(data.get("require_cn", True)),
-            use_csr_sans=bool(data.get("use_csr_sans", True)),
-            use_csr_common_name=bool(data.get("use_csr_common_name", True)),
-            allow_any_name=bool(data.get("allow_any_name", False)),
-            enforce_hostnames=bool(data.get("enforce_hostnames", True)),
+            allowed_uri_sans=data.strings("allowed_uri_sans", comma=True),
+            max_ttl=_positive(data.seconds("max_ttl", 0.0)),
+            ttl=_positive(data.seconds("ttl", 0.0)),
+            key_type=data.string("key_type", "") or "rsa",
+            key_bits=data.integer("key_bits", 0),
+            require_cn=data.boolean("require_cn", True),
+            use_csr_sans=data.boolean("use_csr_sans", True),
+            use_csr_common_name=data.boolean("use_csr_common_name", True),
+            allow_any_name=data.boolean("allow_any_name", False),
+            enforce_hostnames=data.boolean("enforce_hostnames", True),
         )
+
+
+def _positive(seconds: float) -> timedelta | None:
+    """A TTL Vault gave in seconds; None for 0 (unset)."""
+    return timedelta(seconds=seconds) if seconds > 0 else None
 
 
 class Pki:
@@ -156,16 +158,23 @@ class Pki:
 
     # -- reads ----------------------------------------------------------------------------------------------
 
+    def _read_pem(self, what: str, url: str) -> str:
+        """The PEM text at ``url`` (``/v1/<mount>/ca_chain``), read without a token. Through hvac's adapter, not
+        its ``read_ca_certificate_chain``, which takes ``.text`` of whatever came (a JSON answer is a dict)."""
+        client = self.connection.client
+        answer: object = self._call(what, lambda: client.adapter.get(url=url), token=False)
+        if not isinstance(answer, requests.Response):  # hvac decoded it: JSON, where PEM text belongs
+            path = self.connection.where(url.removeprefix("/v1/"))
+            raise VaultAnswerError(NAME, f"{path}: answer is not PEM text (got JSON: {kind(answer)})", path=path)
+        return answer.text
+
     def ca_chain(self) -> list[x509.Certificate]:
         """The mount's CA chain, issuing CA first (``ca_chain``; ``ca/pem`` on Vaults that return it empty)."""
-        client = self.connection.client
         what = f"read the CA chain of {self._where}"
-        text = self._call(
-            what, lambda: client.secrets.pki.read_ca_certificate_chain(mount_point=self.mount), token=False
-        )
+        text = self._read_pem(what, hvac.utils.format_url("/v1/{mount_point}/ca_chain", mount_point=self.mount))
         chain = parse_certs(text, "a CA chain")
         if not chain:
-            text = self._call(what, lambda: client.secrets.pki.read_ca_certificate(mount_point=self.mount), token=False)
+            text = self._read_pem(what, hvac.utils.format_url("/v1/{mount_point}/ca/pem", mount_point=self.mount))
             chain = parse_certs(text, "a CA certificate")
         if not chain:
             raise VaultMountError(NAME, f"{what}: {self._where} returned no CA certificate; generate or import one")
@@ -180,25 +189,25 @@ class Pki:
             if err.status == 404 and not err.errors:
                 raise VaultRoleError(NAME, f"{what}: it does not exist; create it or fix pki_role") from err
             raise self._refine(err, name, "") from err
-        return Role.from_data(name, answer["data"])
+        return Role.from_data(name, data_of(answer, self.connection.where(f"{self.mount}/roles/{name}")))
 
     def mount_max_ttl(self) -> timedelta | None:
-        """The mount's max lease TTL, when the token may read ``sys/mounts/<mount>/tune`` (else None)."""
+        """The mount's max lease TTL, when the token may read ``sys/mounts/<mount>/tune`` (else None); a
+        :class:`~providers.vault.errors.VaultAnswerError` when Vault's answer is malformed."""
         client = self.connection.client
         try:
             answer = self._run("read the mount's TTLs", lambda: client.sys.read_mount_configuration(self.mount))
         except ProviderError:
             return None
-        data = answer.get("data") or answer
-        value = data.get("max_lease_ttl")
-        return timedelta(seconds=int(value)) if isinstance(value, int) and value > 0 else None
+        tune = _data_or_top(answer, self.connection.where(f"sys/mounts/{self.mount}/tune"))
+        return _positive(tune.seconds("max_lease_ttl", 0.0))
 
     def token_capabilities(self, paths: Sequence[str]) -> dict[str, frozenset[str]]:
         """The token's capabilities on each of ``paths`` (``sys/capabilities-self``); none for a path not listed."""
         client = self.connection.client
         answer = self._run("read the token's capabilities", lambda: client.sys.get_capabilities(list(paths)))
-        data = answer.get("data") or answer
-        return {path: frozenset(data.get(path) or ()) for path in paths}
+        data = _data_or_top(answer, self.connection.where("sys/capabilities-self"))
+        return {path: frozenset(data.strings(path)) for path in paths}
 
     # -- signing --------------------------------------------------------------------------------------------
 
@@ -222,7 +231,7 @@ class Pki:
             lambda: client.secrets.pki.sign_intermediate(pem, common_name, extra_params=params, mount_point=self.mount),
             ttl=seconds(ttl),
         )
-        return self._signed(answer, "the intermediate")
+        return self._signed(answer, "the intermediate", f"{self.mount}/root/sign-intermediate")
 
     def sign_workload(
         self, csr: x509.CertificateSigningRequest, spiffe_id: str, ttl: timedelta, role: str, common_name: str
@@ -244,16 +253,25 @@ class Pki:
             role=role,
             ttl=seconds(ttl),
         )
-        return self._signed(answer, f"the certificate for {spiffe_id}")
+        return self._signed(answer, f"the certificate for {spiffe_id}", f"{self.mount}/sign/{role}")
 
-    def _signed(self, answer: dict[str, Any], what: str) -> Signed:
-        data = answer.get("data") or {}
-        certs = parse_certs(data.get("certificate"), what)
+    def _signed(self, answer: object, what: str, path: str) -> Signed:
+        """The certificate, chain and warnings of a sign answer from ``path`` (``pki/sign/web``)."""
+        top = answer_of(answer, self.connection.where(path))
+        data = top.fields("data")
+        certs = parse_certs(data.pem("certificate"), what)
         if not certs:
             raise ProviderRejectedError(NAME, f"Vault's answer for {what} holds no certificate")
-        chain = parse_certs(data.get("ca_chain"), "a CA chain") or parse_certs(data.get("issuing_ca"), "an issuing CA")
-        warnings = answer.get("warnings") or []
-        return Signed(certs[0], tuple(chain), tuple(str(w) for w in warnings))
+        chain = parse_certs(data.pem("ca_chain", ""), "a CA chain") or parse_certs(
+            data.pem("issuing_ca", ""), "an issuing CA"
+        )
+        return Signed(certs[0], tuple(chain), top.strings("warnings"))
+
+
+def _data_or_top(answer: object, path: str) -> Fields:
+    """The ``data`` object of a ``sys/`` answer, or the answer itself (Vault puts the fields in both)."""
+    top = answer_of(answer, path)
+    return top.fields("data") if top.has("data") else top
 
 
 def _values(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:

@@ -233,11 +233,15 @@ class VaultProvider(CAProvider):
                 )
             except ProviderError as err:
                 notes.append(str(err))
-        mount_max = self.pki.mount_max_ttl()
-        notes.append(
-            f"{self.where} max_lease_ttl "
-            + (format_duration(mount_max) if mount_max else "unknown (the token may not read sys/mounts)")
-        )
+        mount_max: timedelta | None = None
+        try:
+            mount_max = self.pki.mount_max_ttl()
+            notes.append(
+                f"{self.where} max_lease_ttl "
+                + (format_duration(mount_max) if mount_max else "unknown (the token may not read sys/mounts)")
+            )
+        except ProviderError as err:  # a malformed answer (not being allowed to read it is None)
+            notes.append(str(err))
         ca_not_after: datetime | None = None
         try:
             self.trust_bundle()

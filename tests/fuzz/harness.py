@@ -84,67 +84,6 @@ class Finding:
 
 KNOWN: tuple[Finding, ...] = (
     Finding(
-        "vault-answer-shape",
-        tuple(
-            ("*", where)
-            for where in (
-                "providers/vault/pki.py:_signed",
-                "providers/vault/pki.py:parse_certs",
-                "providers/vault/pki.py:from_data",
-                "providers/vault/pki.py:duration",
-                "providers/vault/pki.py:mount_max_ttl",
-                "providers/vault/pki.py:token_capabilities",
-                "providers/vault/pki.py:<dictcomp>",
-                "providers/vault/pki.py:role",
-                "providers/vault/connection.py:from_auth",
-                "providers/vault/connection.py:login_approle",
-                "providers/vault/connection.py:login_kubernetes",
-                "providers/vault/connection.py:lookup_token",
-                "providers/vault/connection.py:renew_token",
-                "providers/vault/connection.py:health",
-            )
-        ),
-        tuple(
-            f"vault/{name}.json"
-            for name in (
-                "capabilities-string",
-                "health-list",
-                "intermediate-empty-200",
-                "intermediate-not-json",
-                "login-auth-null",
-                "login-no-token",
-                "lookup-self-data-null",
-                "lookup-self-not-json",
-                "lookup-self-ttl-text",
-                "renew-lease-text",
-                "role-data-list",
-                "role-key-bits-text",
-                "sign-answer-list",
-                "sign-certificate-list-of-numbers",
-                "sign-certificate-number",
-                "sign-data-string",
-                "tune-data-list",
-            )
-        ),
-        "the Vault provider trusts the shape of Vault's answers: hvac hands back whatever JSON came (or a "
-        "requests.Response for a 204 or a non-JSON 200), and pki.py / connection.py index, .get() and "
-        "int()/float() it unchecked, so a malformed answer raises AttributeError, TypeError, KeyError or "
-        "ValueError instead of a ProviderRejectedError",
-    ),
-    Finding(
-        "vault-hvac-internal-errors",
-        (
-            ("*", "providers/vault/connection.py:call"),
-            ("*", "providers/vault/connection.py:<lambda>"),
-            ("*", "providers/vault/pki.py:<lambda>"),
-        ),
-        ("vault/sign-errors-not-strings.json", "vault/ca-chain-json-object.json", "vault/lookup-self-403-null.json"),
-        "hvac itself raises TypeError/AttributeError on malformed answers (an 'errors' list of non-strings: its "
-        "', '.join; a JSON error body that is not an object: .get on it; a JSON answer where it expects text: "
-        ".text on a dict), inside the call that Connection.call runs; Connection.call catches only hvac and "
-        "requests errors, so they escape",
-    ),
-    Finding(
         "cert-manager-answer-shape",
         tuple(
             ("*", where)
