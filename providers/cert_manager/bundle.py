@@ -31,8 +31,8 @@ from mesh_identity.files import ensure_private_dir, write_private
 from mesh_identity.profile import is_ca
 from mesh_identity.provider import root_problem
 from mesh_identity.svid import certs_pem, fingerprint_of, load_certs_pem
-from providers.cert_manager.errors import TrustBundleError
-from providers.cert_manager.kube import NAME, KubeApi
+from providers.cert_manager.errors import NAME, TrustBundleError
+from providers.cert_manager.kube import KubeApi
 from providers.cert_manager.options import Settings
 
 log = logging.getLogger(__name__)

@@ -18,16 +18,21 @@ They refine the core's provider errors (``retryable`` tells the rotation engine 
     │   ├── RequestDeniedError            an approver set Denied
     │   ├── TrustBundleError              no usable trust: status.ca empty and nothing pinned or stored, an
     │   │                                 unusable pinned bundle or store, a root the operator may not add
-    │   └── UntrustedRootError            the issuer answered with a chain to a root that is not trusted
+    │   ├── UntrustedRootError            the issuer answered with a chain to a root that is not trusted
+    │   └── MalformedAnswerError          an answer that is not what the Kubernetes API promises: not JSON, or a
+    │                                     key missing or of another type (names the object and the key)
     └── KubeTlsError                      the TLS handshake with the API server failed (CA, name)
 
 ``kubernetes`` and ``urllib3`` exceptions become one of these in :mod:`providers.cert_manager.kube`, with
-``raise ... from``.
+``raise ... from``; every answer is read through :mod:`providers.cert_manager.shapes`, which raises
+:class:`MalformedAnswerError` for one of the wrong shape.
 """
 
 from __future__ import annotations
 
 from mesh_identity.errors import ProviderAuthError, ProviderError, ProviderRejectedError, ProviderUnavailableError
+
+NAME = "cert-manager"  # the provider's name: the first word of each of its messages
 
 
 class KubeUnreachableError(ProviderUnavailableError):
@@ -79,6 +84,14 @@ class TrustBundleError(ProviderRejectedError):
 class UntrustedRootError(ProviderRejectedError):
     """The issuer answered with a chain that does not end at a trusted root (the pinned bundle, or the roots
     trusted on first use or by the operator); nothing of the answer was used or kept."""
+
+
+class MalformedAnswerError(ProviderRejectedError):
+    """An answer of the API server (or, in a CertificateRequest's status, of the issuer) that is not what the
+    Kubernetes API promises: a body that is not JSON, a value of another type than the API's (an object that is a
+    list, a string that is a number), a required key missing. The message names the object (its kind, namespace
+    and name, or the call it answered) and the key path; it shows the value only bounded and escaped, and never
+    a value of a Secret."""
 
 
 class KubeTlsError(ProviderError):

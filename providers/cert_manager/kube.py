@@ -5,30 +5,43 @@
 watch), times them, and turns every ``kubernetes``/``urllib3`` exception into one of
 :mod:`providers.cert_manager.errors` with ``raise ... from``. Nothing outside this module sees a client object
 or an untyped exception.
+
+Answers are read here, not by the client's models: each call asks for the raw response
+(``_preload_content=False``), and its body, or each line of a watch stream, is parsed and checked with the
+readers of :mod:`providers.cert_manager.shapes` (CertificateRequests with
+:func:`~providers.cert_manager.request.read_request`). So a body that is not JSON, or a value of another type
+than the API's, is a :class:`~providers.cert_manager.errors.MalformedAnswerError` naming the object and the key,
+never a TypeError somewhere further on; and the client's own decode and validation errors become one too.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import kubernetes
 import urllib3
 from kubernetes.client import ApiException
+from kubernetes.client.exceptions import OpenApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
+from mesh_identity.document import shown
 from mesh_identity.errors import ConfigError, ProviderError
 from providers.cert_manager.errors import (
+    NAME,
     KubeForbiddenError,
     KubeInvalidError,
     KubeNotFoundError,
@@ -36,14 +49,30 @@ from providers.cert_manager.errors import (
     KubeTlsError,
     KubeUnauthorizedError,
     KubeUnreachableError,
+    MalformedAnswerError,
 )
 from providers.cert_manager.options import CERT_MANAGER_GROUP, PREFIX, ObjectRef, Settings
+from providers.cert_manager.request import read_request
+from providers.cert_manager.shapes import (
+    JsonObj,
+    conditions,
+    integer,
+    items,
+    malformed,
+    mapping,
+    obj,
+    parse_json,
+    string,
+    string_map,
+    text,
+)
 
-NAME = "cert-manager"
+log = logging.getLogger(__name__)
+
 VERSION = "v1"
 REQUESTS = "certificaterequests"
-JsonObj = dict[str, Any]
-T = TypeVar("T")
+MAX_EVENT_BYTES = 8 * 2**20  # one watch event (an object is at most 1.5 MiB in etcd): a longer line is malformed
+EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +210,25 @@ def translate(err: BaseException, what: str, host: str) -> ProviderError:
 NETWORK_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 
 
+def _unreadable(err: ValueError | LookupError) -> str:
+    """What the client could not read in an answer: the kind of problem only, since the text of its errors
+    (a model's validation errors) quotes the values it got, which may be a Secret's."""
+    if isinstance(err, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(err, json.JSONDecodeError):
+        return f"it is not JSON: {err.msg}"
+    if isinstance(err, LookupError):
+        return "its charset is unknown"
+    return f"{type(err).__name__} from the kubernetes client"
+
+
+def _error_event(code: int, reason: str, message: str) -> ApiException:
+    """An ERROR event of a watch as the exception the client raises for an answer with that Status."""
+    err = ApiException(status=code, reason=reason or None)
+    err.body = json.dumps({"kind": "Status", "code": code, "reason": reason, "message": message})
+    return err
+
+
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410): read the object again and watch from its version."""
 
@@ -189,31 +237,54 @@ class WatchExpired(Exception):
 
 
 class WatchStream:
-    """One open watch: iterate :meth:`events` in one thread, :meth:`stop` from any other."""
+    """One open watch: iterate :meth:`events` in one thread, :meth:`stop` from any other.
+
+    The stream is read here, line by line, not by ``kubernetes.watch``: that one lets out a TypeError or a
+    KeyError for a line that is not JSON or an event without an object. Each line must be one event, a JSON
+    object whose ``type`` is ADDED, MODIFIED, DELETED or BOOKMARK with a CertificateRequest (for a BOOKMARK, just
+    its resourceVersion) as ``object``, or ERROR with a Status; anything else ends the stream with a
+    MalformedAnswerError (the watcher lists again: the event it could not read may have been the one it waits
+    for)."""
 
     def __init__(
         self, api: KubeApi, namespace: str, label_selector: str, resource_version: str, timeout: float
     ) -> None:
         self._api = api
+        self._namespace = namespace
         self._what = f'watch CertificateRequests in namespace "{namespace}"'
-        self._watch = cast(Any, kubernetes.watch).Watch()
+        self._watch_of = f'watch of CertificateRequests in namespace "{namespace}"'
+        self._event_what = f"an event of the {self._watch_of}"
         self._seconds = max(1, math.ceil(timeout))
-        self._args = (api.custom.list_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS)
-        self._kwargs = {
+        self._args = (CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS)
+        self._kwargs: dict[str, Any] = {
             "label_selector": label_selector,
             "resource_version": resource_version,
             "timeout_seconds": self._seconds,
             "allow_watch_bookmarks": True,
+            "watch": True,
+            "_preload_content": False,
             "_request_timeout": (api.timeout[0], self._seconds + api.timeout[1]),
         }
+        self._lock = threading.Lock()
+        self._response: Any = None
+        self._stopped = False
 
     def events(self) -> Iterator[tuple[str, JsonObj]]:
         """``(type, object)`` pairs; BOOKMARK objects carry only the resourceVersion. :class:`WatchExpired` on
-        410, a provider error on anything else."""
+        410 (an answer or an ERROR event), a provider error on anything else: MalformedAnswerError for an event
+        that cannot be read."""
         self._api.count_watch()
         try:
-            for event in self._watch.stream(*self._args, **self._kwargs):
-                yield str(event["type"]), cast(JsonObj, event["raw_object"])
+            response = self._api.custom.list_namespaced_custom_object(*self._args, **self._kwargs)
+            with self._lock:
+                self._response = response
+                if self._stopped:
+                    return
+            for line in self._lines(response):
+                if line.strip():
+                    yield self._event(line)
+                if self._stopped:
+                    break
         except ApiException as err:
             if err.status == 410:
                 raise WatchExpired(str(err.reason)) from err
@@ -221,10 +292,68 @@ class WatchStream:
         except NETWORK_ERRORS as err:
             raise translate(err, self._what, self._api.host) from err
         finally:
-            self._watch.stop()
+            with self._lock:
+                response, self._response = self._response, None
+            if response is not None:
+                with contextlib.suppress(*NETWORK_ERRORS):
+                    response.close()
+                    response.release_conn()
 
     def stop(self) -> None:
-        self._watch.stop()
+        """End the stream from another thread: its socket is shut down, which wakes the read."""
+        with self._lock:
+            self._stopped = True
+            response = self._response
+        connection = getattr(response, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _lines(self, response: Any) -> Iterator[bytes]:
+        """The lines of the stream as they come, each at most MAX_EVENT_BYTES (a last one without its newline
+        too)."""
+        buffer = bytearray()
+        for chunk in response.stream(amt=None, decode_content=True):
+            start = len(buffer)
+            buffer += chunk
+            end = buffer.find(b"\n", start)
+            while end >= 0:
+                yield bytes(buffer[:end])
+                del buffer[: end + 1]
+                end = buffer.find(b"\n")
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise MalformedAnswerError(NAME, f"{self._event_what} is longer than {MAX_EVENT_BYTES} bytes")
+        if buffer:
+            yield bytes(buffer)
+
+    def _event(self, line: bytes) -> tuple[str, JsonObj]:
+        what = self._event_what
+        event = obj(parse_json(line, what), what)
+        kind = string(event, "type", what, required=True)
+        if kind not in EVENT_TYPES:
+            raise malformed(what, "type", f"is not one of {', '.join(EVENT_TYPES)} (got {shown(kind)})")
+        if kind == "ERROR":
+            status = mapping(event, "object", what)
+            code = integer(status, "code", what, "object")
+            if code is None or not 400 <= code <= 599:
+                raise malformed(what, "object.code", f"is not an HTTP error status (got {code})")
+            reason, message = string(status, "reason", what, "object"), string(status, "message", what, "object")
+            if code != 410:
+                log.warning(
+                    "%s: the %s ended with an ERROR event (%s %s: %s): listing them again",
+                    NAME,
+                    self._watch_of,
+                    code,
+                    text(reason, 80),
+                    text(message) or "no message",
+                )
+            raise _error_event(code, reason, message)
+        if kind == "BOOKMARK":
+            bookmark = obj(event.get("object"), what, "object")
+            string(mapping(bookmark, "metadata", what, "object"), "resourceVersion", what, "object.metadata")
+            return kind, bookmark
+        return kind, read_request(event.get("object"), what, self._namespace, "object")
 
 
 @dataclass
@@ -265,64 +394,74 @@ class KubeApi:
         with self._timings_lock:
             self.timings.watches += 1
 
-    def _call(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _call(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+        """The body of the 2xx answer to one call (``what`` says what it does, for messages), read here: with
+        ``_preload_content=False`` the client's models never parse it. Every failure is a provider error: the
+        client's and urllib3's exceptions are translated, and what the client raises on an answer it cannot
+        decode is a MalformedAnswerError."""
         started = time.perf_counter()
         try:
-            return call(*args, _request_timeout=self.timeout, **kwargs)
+            response = call(*args, _request_timeout=self.timeout, _preload_content=False, **kwargs)
+            try:
+                body = response.read()
+            finally:
+                response.release_conn()
         except NETWORK_ERRORS as err:
             raise translate(err, what, self.host) from err
+        except (ValueError, LookupError) as err:
+            if isinstance(err, OpenApiException):  # the client refused our own arguments: a bug, not an answer
+                raise
+            raise MalformedAnswerError(NAME, f"the answer to {what} cannot be read: {_unreadable(err)}") from None
         finally:
             elapsed = time.perf_counter() - started
             with self._timings_lock:
                 self.timings.calls += 1
                 self.timings.call_seconds += elapsed
+        return bytes(body)
+
+    def _object(self, what: str, call: Callable[..., Any], *args: Any, secret: bool = False, **kwargs: Any) -> JsonObj:
+        """The answer to one call, a JSON object (``secret``: a Secret's, whose values no message shows)."""
+        answer = f"the answer to {what}"
+        return obj(parse_json(self._call(what, call, *args, **kwargs), answer), answer, secret=secret)
 
     # -- CertificateRequests
     def create_request(self, namespace: str, body: JsonObj) -> JsonObj:
-        return cast(
-            JsonObj,
-            self._call(
-                f'create a CertificateRequest in namespace "{namespace}"',
-                self.custom.create_namespaced_custom_object,
-                CERT_MANAGER_GROUP,
-                VERSION,
-                namespace,
-                REQUESTS,
-                body,
-            ),
+        what = f'create a CertificateRequest in namespace "{namespace}"'
+        created = self._object(
+            what, self.custom.create_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS, body
         )
+        return read_request(created, f"the answer to {what}", namespace)
 
     def get_request(self, namespace: str, name: str) -> JsonObj:
-        return cast(
-            JsonObj,
-            self._call(
-                f"get CertificateRequest {namespace}/{name}",
-                self.custom.get_namespaced_custom_object,
-                CERT_MANAGER_GROUP,
-                VERSION,
-                namespace,
-                REQUESTS,
-                name,
-            ),
+        what = f"get CertificateRequest {namespace}/{name}"
+        found = self._object(
+            what, self.custom.get_namespaced_custom_object, CERT_MANAGER_GROUP, VERSION, namespace, REQUESTS, name
         )
+        return read_request(found, f"the answer to {what}", namespace)
 
     def list_requests(self, namespace: str, label_selector: str, limit: int | None = None) -> list[JsonObj]:
-        return list(self._list_requests(namespace, label_selector, limit).get("items") or [])
+        return self._list_requests(namespace, label_selector, limit)[0]
 
-    def _list_requests(self, namespace: str, label_selector: str, limit: int | None = None) -> JsonObj:
-        return cast(
-            JsonObj,
-            self._call(
-                f'list CertificateRequests in namespace "{namespace}"',
-                self.custom.list_namespaced_custom_object,
-                CERT_MANAGER_GROUP,
-                VERSION,
-                namespace,
-                REQUESTS,
-                label_selector=label_selector,
-                limit=limit,
-            ),
+    def _list_requests(
+        self, namespace: str, label_selector: str, limit: int | None = None
+    ) -> tuple[list[JsonObj], str]:
+        what = f'list CertificateRequests in namespace "{namespace}"'
+        listing = self._object(
+            what,
+            self.custom.list_namespaced_custom_object,
+            CERT_MANAGER_GROUP,
+            VERSION,
+            namespace,
+            REQUESTS,
+            label_selector=label_selector,
+            limit=limit,
         )
+        answer = f"the answer to {what}"
+        found = [
+            read_request(item, answer, namespace, f"items[{i}]")
+            for i, item in enumerate(items(listing, "items", answer))
+        ]
+        return found, string(mapping(listing, "metadata", answer), "resourceVersion", answer, "metadata")
 
     def delete_request(self, namespace: str, name: str, uid: str | None = None) -> bool:
         """Delete one CertificateRequest (only the one with ``uid``); False when it was already gone."""
@@ -331,7 +470,7 @@ class KubeApi:
             propagation_policy="Background",
         )
         try:
-            self._call(
+            self._call(  # the answer (the object, or a Status) is not read
                 f"delete CertificateRequest {namespace}/{name}",
                 self.custom.delete_namespaced_custom_object,
                 CERT_MANAGER_GROUP,
@@ -356,27 +495,24 @@ class KubeApi:
 
     def list_requests_at(self, namespace: str, label_selector: str) -> tuple[list[JsonObj], str]:
         """The matching CertificateRequests and the resourceVersion of the listing (to watch from)."""
-        listing = self._list_requests(namespace, label_selector)
-        return list(listing.get("items") or []), str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        return self._list_requests(namespace, label_selector)
 
     # -- issuers, bundles, server
     def get_issuer(self, namespace: str) -> JsonObj:
+        """The issuer of the settings, its ``status.conditions`` checked (see
+        :func:`~providers.cert_manager.shapes.conditions`)."""
         settings = self.settings
         if settings.issuer_kind == "ClusterIssuer":
-            return cast(
-                JsonObj,
-                self._call(
-                    f"get ClusterIssuer {settings.issuer_name}",
-                    self.custom.get_cluster_custom_object,
-                    settings.issuer_group,
-                    VERSION,
-                    "clusterissuers",
-                    settings.issuer_name,
-                ),
+            issuer = self._object(
+                f"get ClusterIssuer {settings.issuer_name}",
+                self.custom.get_cluster_custom_object,
+                settings.issuer_group,
+                VERSION,
+                "clusterissuers",
+                settings.issuer_name,
             )
-        return cast(
-            JsonObj,
-            self._call(
+        else:
+            issuer = self._object(
                 f"get Issuer {namespace}/{settings.issuer_name}",
                 self.custom.get_namespaced_custom_object,
                 settings.issuer_group,
@@ -384,28 +520,33 @@ class KubeApi:
                 namespace,
                 "issuers",
                 settings.issuer_name,
-            ),
-        )
+            )
+        conditions(issuer, settings.issuer)
+        return issuer
 
     def read_secret_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
         value = self._read_key("Secret", self.core.read_namespaced_secret, ref, default_namespace, key)
-        return base64.b64decode(value)
+        try:
+            return base64.b64decode(value)
+        except ValueError:  # binascii.Error, or a value that is not ASCII
+            namespace = ref.namespace or default_namespace
+            raise MalformedAnswerError(NAME, f"Secret {namespace}/{ref.name}: data[{key!r}] is not base64") from None
 
     def read_configmap_key(self, ref: ObjectRef, default_namespace: str, key: str) -> bytes:
-        value = self._read_key("ConfigMap", self.core.read_namespaced_config_map, ref, default_namespace, key)
-        return str(value).encode()
+        return self._read_key("ConfigMap", self.core.read_namespaced_config_map, ref, default_namespace, key).encode()
 
-    def _read_key(self, kind: str, read: Callable[..., Any], ref: ObjectRef, default_namespace: str, key: str) -> Any:
-        """The value under ``key`` in the data of the Secret or ConfigMap ``ref`` (read with ``read``)."""
+    def _read_key(self, kind: str, read: Callable[..., Any], ref: ObjectRef, default_namespace: str, key: str) -> str:
+        """The value under ``key`` in the data of the Secret or ConfigMap ``ref`` (read with ``read``). No message
+        shows a value of its data, or its other keys' values."""
         namespace = ref.namespace or default_namespace
-        found = self._call(f"read {kind} {namespace}/{ref.name}", read, ref.name, namespace)
-        data = found.data or {}
+        found = self._object(f"read {kind} {namespace}/{ref.name}", read, ref.name, namespace, secret=True)
+        data = string_map(found, "data", f"{kind} {namespace}/{ref.name}", secret=True)
         if key not in data:
-            raise KubeNotFoundError(
-                NAME, f"{kind} {namespace}/{ref.name} has no key {key!r} (it has: {', '.join(sorted(data)) or 'none'})"
-            )
+            keys = ", ".join(text(k, 80) for k in sorted(data)[:20]) or "none"
+            raise KubeNotFoundError(NAME, f"{kind} {namespace}/{ref.name} has no key {key!r} (it has: {keys})")
         return data[key]
 
     def server_version(self) -> str:
-        info = self._call("read the server version", kubernetes.client.VersionApi(self.connection.api).get_code)
-        return str(info.git_version)
+        what = "read the server version"
+        info = self._object(what, kubernetes.client.VersionApi(self.connection.api).get_code)
+        return text(string(info, "gitVersion", f"the answer to {what}", required=True), 80)

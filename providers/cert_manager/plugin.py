@@ -7,7 +7,7 @@ from typing import Any
 
 from mesh_identity.provider import ProviderSpec
 from plugins import hookimpl
-from providers.cert_manager.kube import NAME
+from providers.cert_manager.errors import NAME
 from providers.cert_manager.options import check
 from providers.cert_manager.provider import SPEC
 

@@ -42,7 +42,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -70,18 +70,20 @@ from mesh_identity.svid import TrustBundle, fingerprint_of
 from mesh_identity.verify import chain_problem
 from providers.cert_manager.bundle import BundleSource, chain_below, issued_by, self_signed, show
 from providers.cert_manager.errors import (
+    NAME,
     IssuerNotFoundError,
     KubeForbiddenError,
     KubeNotFoundError,
     KubeServerError,
     KubeUnreachableError,
+    MalformedAnswerError,
     RequestDeniedError,
     RequestFailedError,
     RequestTimeoutError,
     TrustBundleError,
     UntrustedRootError,
 )
-from providers.cert_manager.kube import NAME, JsonObj, KubeApi, connect
+from providers.cert_manager.kube import KubeApi, connect
 from providers.cert_manager.options import CERT_MANAGER_GROUP, OPTIONS, Settings
 from providers.cert_manager.request import (
     LABEL_INSTANCE,
@@ -92,11 +94,14 @@ from providers.cert_manager.request import (
     Purpose,
     State,
     build_request,
+    created_at,
     issued_certificates,
     label_value,
     name_of,
+    request_ref,
     state_of,
 )
+from providers.cert_manager.shapes import JsonObj, conditions, text
 from providers.cert_manager.watcher import RequestWatcher
 
 log = logging.getLogger(__name__)
@@ -281,9 +286,8 @@ class CertManagerProvider(CAProvider):
             self.instance,
             rsa=isinstance(csr.public_key(), rsa.RSAPublicKey),
         )
-        created = self.api.create_request(self.namespace, body)
-        meta = created["metadata"]
-        name, uid = str(meta["name"]), meta.get("uid")
+        created = self.api.create_request(self.namespace, body)  # checked: a CertificateRequest with a name
+        name, uid = request_ref(created)
         state: State | None = None
         try:
             state, cr = self._wait(created)
@@ -326,8 +330,8 @@ class CertManagerProvider(CAProvider):
         try:
             certificates, cas = issued_certificates(cr)
         except ValueError as err:
-            raise ProviderRejectedError(
-                NAME, f"{issuer} answered CertificateRequest {name_of(cr)} with {err}"
+            raise MalformedAnswerError(
+                NAME, f"{issuer} answered CertificateRequest {name_of(cr)} with {text(str(err))}"
             ) from None
         now = self.context.clock()
         chain, roots = self._verified(cr, certificates, cas, now)
@@ -459,9 +463,9 @@ class CertManagerProvider(CAProvider):
             return None  # reading issuers is optional RBAC
         except KubeNotFoundError:
             return f"{self.settings.issuer} does not exist"
-        for condition in (issuer.get("status") or {}).get("conditions") or []:
-            if condition.get("type") == "Ready" and condition.get("status") == "False":
-                return f"{self.settings.issuer} is not Ready: {condition.get('message') or condition.get('reason')}"
+        for condition in conditions(issuer, self.settings.issuer):
+            if condition.type == "Ready" and condition.status == "False":
+                return f"{self.settings.issuer} is not Ready: {text(condition.message or condition.reason)}"
         return None
 
     # -- cleanup -------------------------------------------------------------------------------------------
@@ -505,22 +509,23 @@ class CertManagerProvider(CAProvider):
         )
         now = self.context.clock()
         try:
-            for cr in self.api.list_requests(self.namespace, selector):
-                meta = cr.get("metadata") or {}
-                created = _timestamp(str(meta.get("creationTimestamp") or ""))
+            for cr in self.api.list_requests(self.namespace, selector):  # checked: CertificateRequests
+                created = _timestamp(created_at(cr))
                 phase = state_of(cr).phase
                 abandoned = not phase.terminal and created is not None and now - created > 2 * self.settings.timeout
                 if abandoned or (phase.terminal and not self.settings.keep_requests):
-                    self.api.delete_request(self.namespace, str(meta.get("name")), meta.get("uid"))
+                    self.api.delete_request(self.namespace, *request_ref(cr))
         except ProviderError as err:
             log.warning("%s: could not clean up old CertificateRequests: %s", NAME, err)
 
 
-def _timestamp(text: str) -> datetime | None:
+def _timestamp(value: str) -> datetime | None:
+    """An RFC 3339 timestamp (one without a zone is taken as UTC); None when it is none."""
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        found = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+    return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
 
 
 def create(context: ProviderContext, options: Mapping[str, Any]) -> CertManagerProvider:

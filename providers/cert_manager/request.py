@@ -1,6 +1,10 @@
-"""CertificateRequest objects: building one for a CSR, and reading where one stands.
+"""CertificateRequest objects: building one for a CSR, checking the shape of one the API server sent, and reading
+where one stands.
 
-Pure functions of plain dicts (the ``cert-manager.io/v1`` wire format); no API calls here.
+Pure functions of plain dicts (the ``cert-manager.io/v1`` wire format); no API calls here. Every object the
+provider gets is checked by :func:`read_request` where it comes in (:mod:`providers.cert_manager.kube`), and
+read through :mod:`providers.cert_manager.shapes` here, so an object of another shape is a
+:class:`~providers.cert_manager.errors.MalformedAnswerError` naming it and the key, never a TypeError.
 
 What the provider asks for:
 
@@ -29,8 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from providers.cert_manager.options import Settings, valid_label_value
-
-JsonObj = dict[str, Any]
+from providers.cert_manager.shapes import Condition, JsonObj, conditions, key_path, mapping, obj, string, text
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "mesh-identity"
@@ -138,43 +141,94 @@ class State:
     detail: str  # e.g. "Ready=False (Pending): Waiting on certificate issuance from order ..."
 
 
+KIND = "CertificateRequest"
+META_STRINGS = ("namespace", "uid", "resourceVersion", "creationTimestamp")  # besides name, the metadata read
+
+
+def _meta(cr: JsonObj) -> JsonObj:
+    meta = cr.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
 def name_of(cr: JsonObj) -> str:
-    meta = cr.get("metadata") or {}
-    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    """``namespace/name``, for messages (escaped; never an error, whatever ``cr`` holds)."""
+    meta = _meta(cr)
+    namespace, name = meta.get("namespace"), meta.get("name")
+    return text(f"{namespace if isinstance(namespace, str) else ''}/{name if isinstance(name, str) else ''}")
 
 
-def _conditions(cr: JsonObj) -> dict[str, JsonObj]:
-    found = ((cr.get("status") or {}).get("conditions")) or []
-    return {str(c.get("type")): c for c in found if isinstance(c, dict)}
+def describe(cr: JsonObj) -> str:
+    """How messages name the request: ``CertificateRequest mesh/web-abc``."""
+    return f"{KIND} {name_of(cr)}"
 
 
-def _show(condition: JsonObj) -> str:
-    text = f"{condition.get('type')}={condition.get('status')} ({condition.get('reason') or 'no reason'})"
-    message = condition.get("message")
-    return f"{text}: {message}" if message else text
+def read_request(value: Any, what: str, namespace: str, path: str = "") -> JsonObj:
+    """``value`` (an answer, a listed item, a watched object) checked to be a CertificateRequest as the provider
+    reads it, and returned: ``metadata.name`` a non-empty string; ``metadata.namespace``, ``uid``,
+    ``resourceVersion`` and ``creationTimestamp``, ``status.certificate`` and ``status.ca`` strings when present;
+    ``status.conditions`` objects (see :func:`~providers.cert_manager.shapes.conditions`). Until its name is
+    read, messages name it by ``what`` and ``path`` (``the answer to list ...: items[3]``), then by its name (its
+    namespace, when it gives none, is ``namespace``, where it was asked for)."""
+    cr = obj(value, what, path)
+    meta = mapping(cr, "metadata", what, path)
+    where = key_path(path, "metadata")
+    string(meta, "name", what, where, required=True)
+    for key in META_STRINGS:
+        string(meta, key, what, where)
+    named = f"{KIND} {text(meta.get('namespace') or namespace)}/{text(meta['name'])}"
+    status = mapping(cr, "status", named)
+    for key in ("certificate", "ca"):
+        string(status, key, named, "status")
+    conditions(cr, named)
+    return cr
+
+
+def request_ref(cr: JsonObj) -> tuple[str, str | None]:
+    """The ``name`` and ``uid`` (None when it has none) of a request checked by :func:`read_request`."""
+    what = describe(cr)
+    meta = mapping(cr, "metadata", what)
+    return string(meta, "name", what, "metadata", required=True), string(meta, "uid", what, "metadata") or None
+
+
+def resource_version(cr: JsonObj) -> str:
+    """``metadata.resourceVersion`` ("" when it has none)."""
+    what = describe(cr)
+    return string(mapping(cr, "metadata", what), "resourceVersion", what, "metadata")
+
+
+def created_at(cr: JsonObj) -> str:
+    """``metadata.creationTimestamp`` as the API server wrote it ("" when it has none)."""
+    what = describe(cr)
+    return string(mapping(cr, "metadata", what), "creationTimestamp", what, "metadata")
+
+
+def _show(condition: Condition) -> str:
+    shown = f"{condition.type}={condition.status} ({text(condition.reason) or 'no reason'})"
+    return f"{shown}: {text(condition.message)}" if condition.message else shown
 
 
 def state_of(cr: JsonObj) -> State:
-    conditions = _conditions(cr)
-    denied, ready = conditions.get("Denied"), conditions.get("Ready")
-    invalid = conditions.get("InvalidRequest")
-    if denied is not None and denied.get("status") == "True":
-        by = denied.get("reason") or "an approver"
-        return State(Phase.DENIED, f"denied by {by}: {denied.get('message') or 'no message'}")
-    if ready is not None and ready.get("reason") == "Denied":
-        return State(Phase.DENIED, f"denied: {ready.get('message') or 'no message'}")
-    if invalid is not None and invalid.get("status") == "True":
+    what = describe(cr)
+    found = {c.type: c for c in conditions(cr, what)}
+    denied, ready = found.get("Denied"), found.get("Ready")
+    invalid = found.get("InvalidRequest")
+    if denied is not None and denied.status == "True":
+        by = text(denied.reason) or "an approver"
+        return State(Phase.DENIED, f"denied by {by}: {text(denied.message) or 'no message'}")
+    if ready is not None and ready.reason == "Denied":
+        return State(Phase.DENIED, f"denied: {text(ready.message) or 'no message'}")
+    if invalid is not None and invalid.status == "True":
         return State(Phase.FAILED, _show(invalid))
     if ready is not None:
-        if ready.get("status") == "True" and (cr.get("status") or {}).get("certificate"):
+        if ready.status == "True" and string(mapping(cr, "status", what), "certificate", what, "status"):
             return State(Phase.ISSUED, _show(ready))
-        if ready.get("reason") == "Failed":
+        if ready.reason == "Failed":
             return State(Phase.FAILED, _show(ready))
-        if ready.get("reason") == "Pending" and _ISSUER_NOT_FOUND.match(str(ready.get("message") or "")):
-            return State(Phase.ISSUER_NOT_FOUND, str(ready.get("message")))
+        if ready.reason == "Pending" and _ISSUER_NOT_FOUND.match(ready.message):
+            return State(Phase.ISSUER_NOT_FOUND, text(ready.message))
         return State(Phase.PENDING, _show(ready))
-    approved = conditions.get("Approved")
-    if approved is not None and approved.get("status") == "True":
+    approved = found.get("Approved")
+    if approved is not None and approved.status == "True":
         return State(Phase.PENDING, "approved, no Ready condition yet")
     return State(Phase.PENDING, "not approved or denied yet (no approver running?)")
 
@@ -182,12 +236,15 @@ def state_of(cr: JsonObj) -> State:
 def issued_certificates(cr: JsonObj) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
     """``status.certificate`` (leaf first, then whatever chain the issuer added) and ``status.ca`` (may be
     empty). ValueError when either is not base64 PEM."""
-    status = cr.get("status") or {}
+    what = describe(cr)
+    status = mapping(cr, "status", what)
     try:
-        certificate = x509.load_pem_x509_certificates(base64.b64decode(status.get("certificate") or ""))
+        certificate = x509.load_pem_x509_certificates(
+            base64.b64decode(string(status, "certificate", what, "status"))
+        )
     except ValueError as err:
         raise ValueError(f"status.certificate is not base64 PEM certificates ({err})") from None
-    ca_text = status.get("ca") or ""
+    ca_text = string(status, "ca", what, "status")
     if not ca_text:
         return certificate, []
     try:

@@ -10,6 +10,14 @@ list again; a broken stream is re-opened after a short pause; the server ends ea
 
 Waiters get the error that stops the watch: at once when retrying cannot help (403, 401, 404, TLS), at their
 deadline otherwise (the API server is unreachable or answers 5xx), instead of a timeout that hides it.
+
+An answer it cannot read (a line that is not JSON, an event or a listing of another shape: a
+:class:`~providers.cert_manager.errors.MalformedAnswerError`) is logged, escaped and bounded, and the watch lists
+again after the pause: the event it could not read may have been the one a waiter needs. Waiters keep waiting
+through it, since the next listing may be fine, and get the error at their deadline if it is still current. An
+ERROR event is a 410 (list again) or the error of its Status. The thread never dies of one answer: an exception
+that is not a provider error (a bug) is logged with its traceback and the watch lists again after the pause,
+and should the thread end anyway, the next wait starts another.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from mesh_identity.errors import ProviderError
-from providers.cert_manager.errors import RequestFailedError
-from providers.cert_manager.kube import NAME, JsonObj, KubeApi, WatchExpired, WatchStream
-from providers.cert_manager.request import State, name_of, state_of
+from mesh_identity.errors import ProviderError, ProviderUnavailableError
+from providers.cert_manager.errors import NAME, MalformedAnswerError, RequestFailedError
+from providers.cert_manager.kube import KubeApi, WatchExpired, WatchStream
+from providers.cert_manager.request import State, name_of, request_ref, resource_version, state_of
+from providers.cert_manager.shapes import JsonObj
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,7 @@ class RequestWatcher:
         self._thread: threading.Thread | None = None
         self._stream: WatchStream | None = None
         self._stopped = threading.Event()
+        self._warned = ""  # the last unreadable answer logged as a warning (the thread's own)
 
     @property
     def error(self) -> ProviderError | None:
@@ -61,9 +71,13 @@ class RequestWatcher:
 
     def start(self) -> None:
         with self._cond:
-            if self._thread is None and not self._stopped.is_set():
-                self._thread = threading.Thread(target=self._run, name=f"{NAME}-watch", daemon=True)
-                self._thread.start()
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        """A watch thread, unless one runs or the watcher was stopped (under the lock)."""
+        if self._thread is None and not self._stopped.is_set():
+            self._thread = threading.Thread(target=self._run, name=f"{NAME}-watch", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -79,13 +93,12 @@ class RequestWatcher:
     def wait(self, created: JsonObj, deadline: float) -> Outcome:
         """Wait until the request ``created`` (as the create call returned it) is final, or ``deadline``
         (``time.monotonic()``) passes. Raises at once the watch error that retrying cannot fix."""
-        self.start()
-        meta = created.get("metadata") or {}
-        name, uid = str(meta.get("name")), meta.get("uid")
+        name, uid = request_ref(created)
         with self._cond:
             while True:
+                self._start_locked()  # the first wait starts the thread; should it have ended, this starts another
                 seen = self._objects.get(name)
-                cr = seen if seen is not None and (seen.get("metadata") or {}).get("uid") == uid else created
+                cr = seen if seen is not None and request_ref(seen)[1] == uid else created
                 if name in self._deleted and cr is seen:
                     raise RequestFailedError(
                         NAME,
@@ -95,8 +108,9 @@ class RequestWatcher:
                 state = state_of(cr)
                 if state.phase.final:
                     return Outcome(state, cr, None)
-                if self._error is not None and not self._error.retryable:
-                    raise self._error
+                error = self._error
+                if error is not None and not error.retryable and not isinstance(error, MalformedAnswerError):
+                    raise error
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return Outcome(None, cr, self._error)
@@ -112,39 +126,69 @@ class RequestWatcher:
     def _run(self) -> None:
         failures = 0
         version = ""
-        while not self._stopped.is_set():
-            try:
-                if not version:
-                    version = self._list()
-                self._stream = self.api.open_watch(self.namespace, self.label_selector, version, STREAM_SECONDS)
-                if self._stopped.is_set():
-                    break
-                for event, obj in self._stream.events():
-                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                    if event != "BOOKMARK":
-                        self._update(event, obj)
-                    failures = 0
+        try:
+            while not self._stopped.is_set():
+                try:
+                    if not version:
+                        version = self._list()
+                    self._stream = self.api.open_watch(self.namespace, self.label_selector, version, STREAM_SECONDS)
                     if self._stopped.is_set():
                         break
-            except WatchExpired:
-                version = ""  # list again
-            except ProviderError as err:
-                if self._stopped.is_set():
-                    break
-                with self._cond:
-                    self._error = err
-                    self._cond.notify_all()
-                log.debug("%s: watch of CertificateRequests failed: %s", NAME, err)
-                self._stopped.wait(RETRY_PAUSES[min(failures, len(RETRY_PAUSES) - 1)])
-                failures += 1
-                version = ""
-            finally:
-                self._stream = None
+                    for event, obj in self._stream.events():
+                        version = resource_version(obj) or version
+                        if event != "BOOKMARK":
+                            self._update(event, obj)
+                        failures = 0
+                        if self._stopped.is_set():
+                            break
+                except WatchExpired:
+                    version = ""  # list again
+                except Exception as err:
+                    if self._stopped.is_set():
+                        break
+                    self._failed(err, failures)
+                    self._stopped.wait(RETRY_PAUSES[min(failures, len(RETRY_PAUSES) - 1)])
+                    failures += 1
+                    version = ""
+                finally:
+                    self._stream = None
+        finally:
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None  # the next wait starts another
+                    if not self._stopped.is_set():
+                        log.error("%s: the watch of CertificateRequests ended; the next request starts another", NAME)
+                self._cond.notify_all()
+
+    def _failed(self, err: Exception, failures: int) -> None:
+        """The watch failed with ``err`` (the ``failures``-th time in a row): tell the waiters, and the log."""
+        if isinstance(err, MalformedAnswerError):
+            error: ProviderError = err
+            repeated = str(err) == self._warned  # the same, with no event read since: once is enough
+            self._warned = str(err)
+            log.log(
+                logging.DEBUG if repeated else logging.WARNING,
+                "%s: the watch of CertificateRequests cannot read an answer (attempt %d), listing them again: %s",
+                NAME,
+                failures + 1,
+                err,
+            )
+        elif isinstance(err, ProviderError):
+            error = err
+            log.debug("%s: watch of CertificateRequests failed: %s", NAME, err)
+        else:  # a bug: the watch goes on, and the traceback is in the log
+            error = ProviderUnavailableError(
+                NAME, f"the watch of CertificateRequests failed ({type(err).__name__}): listing them again"
+            )
+            log.error("%s: the watch of CertificateRequests failed, listing them again", NAME, exc_info=err)
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
 
     def _list(self) -> str:
         items, version = self.api.list_requests_at(self.namespace, self.label_selector)
         with self._cond:
-            listed = {str((i.get("metadata") or {}).get("name")): i for i in items}
+            listed = {request_ref(i)[0]: i for i in items}
             for name in list(self._objects):
                 if name not in listed:
                     self._deleted.add(name)
@@ -155,7 +199,8 @@ class RequestWatcher:
         return version
 
     def _update(self, event: str, obj: JsonObj) -> None:
-        name = str((obj.get("metadata") or {}).get("name"))
+        name = request_ref(obj)[0]
+        self._warned = ""
         with self._cond:
             self._error = None
             if event == "DELETED":

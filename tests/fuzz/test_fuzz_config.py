@@ -115,11 +115,11 @@ scalars = st.one_of(
     st.binary(max_size=8),
 )
 keys = st.sampled_from(KEYS) | st.text(max_size=10)
-documents = st.recursive(
-    scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
-    max_leaves=8,
-)
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4)
+
+
+documents = st.recursive(scalars, _containers, max_leaves=8)
 sections = st.dictionaries(keys, scalars, max_size=6) | documents
 config_like = st.fixed_dictionaries(
     {"trust_domain": st.sampled_from(WORDS[:3]) | scalars},
