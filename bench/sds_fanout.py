@@ -85,6 +85,13 @@ class Ca:
             .not_valid_before(now - timedelta(minutes=1))
             .not_valid_after(now + timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(  # the X.509-SVID leaf profile, which the xDS server requires of its callers
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -130,11 +137,11 @@ async def client_main(target: str, certdir: Path, nodes: list[tuple[str, int]]) 
         names = [str(identity(ident)), str(TD.id)]
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[ident])
         call = stub.StreamAggregatedResources()
+        first = True
         try:
             await call.write(
                 discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node), type_url=SECRET, resource_names=names)
             )
-            first = True
             async for response in call:
                 await call.write(
                     discovery_pb2.DiscoveryRequest(
@@ -152,6 +159,8 @@ async def client_main(target: str, certdir: Path, nodes: list[tuple[str, int]]) 
         except grpc.aio.AioRpcError as err:
             errors += 1
             print(f"ERROR {node} {err.code()} {err.details()}", file=sys.stderr, flush=True)
+            if first and ready + errors == len(nodes):  # every stream has answered or failed: say so, not hang
+                print(f"FAILED {errors} of {len(nodes)} streams did not open", flush=True)
 
     tasks = [asyncio.create_task(stream(node, ident)) for node, ident in nodes]
     loop = asyncio.get_running_loop()
