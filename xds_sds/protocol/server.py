@@ -450,7 +450,7 @@ class DiscoveryServer:
                         session.deny(f"node {session.node_id}", "node", revoked.reason)
                     else:
                         self._audit_peer(str(session.identity), what, revoked.reason)
-                    raise RequestError(revoked.code, revoked.message)
+                    raise RequestError(revoked.code, revoked.message, routine=True)
                 while pending:
                     protocol.on_request(pending.popleft())
                     if cancel_watch is None and session.node_id is not None:
@@ -468,8 +468,13 @@ class DiscoveryServer:
                     return
         except RequestError as err:
             self.metrics.refused.labels(err.code.name).inc()
-            log.warning(
-                "refused %s stream from %s (%s): %s", service, session.identity, session.peer, escaped(err.message)
+            log.log(
+                logging.INFO if err.routine else logging.WARNING,
+                "refused %s stream from %s (%s): %s",
+                service,
+                session.identity,
+                session.peer,
+                escaped(err.message),
             )
             await context.abort(err.code, err.message)
         finally:
@@ -502,7 +507,13 @@ class DiscoveryServer:
             session.check_names(type_url, request.resource_names)
         except RequestError as err:
             self.metrics.refused.labels(err.code.name).inc()
-            log.warning("refused FetchSecrets from %s (%s): %s", session.identity, session.peer, escaped(err.message))
+            log.log(
+                logging.INFO if err.routine else logging.WARNING,
+                "refused FetchSecrets from %s (%s): %s",
+                session.identity,
+                session.peer,
+                escaped(err.message),
+            )
             await context.abort(err.code, err.message)
             raise  # abort() raises; this line is never reached
         session.audit_requested(type_url, request.resource_names)
@@ -537,7 +548,7 @@ class DiscoveryServer:
             return trust_of(credential, self.tls.client_roots, self.env.clock())
         except PeerError as err:
             self._audit_peer(str(session.identity), what, str(err))
-            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(err)) from None
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, str(err), routine=True) from None
 
     def _audit_peer(self, peer: str, what: str, reason: str) -> None:
         self.env.audit.emit(AccessDenied(peer, what, reason, self.env.clock()))

@@ -37,12 +37,15 @@ _REMEMBERED_DENIALS = 10_000  # per stream: names already audited (beyond that, 
 
 
 class RequestError(Exception):
-    """A request the server refuses; the stream ends with ``code`` and this message."""
+    """A request the server refuses; the stream ends with ``code`` and this message. ``routine``: an expected
+    end (a stream or a retry on an old connection whose certificate is no longer valid after a rotation, a
+    stream ended by a workload change), logged at INFO; every other refusal is a warning. Both are audited."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, routine: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.routine = routine
 
 
 @dataclass
