@@ -30,7 +30,7 @@ from mesh_identity.registry.base import StaticRegistry, WorkloadRegistry
 from mesh_identity.registry.meshfile import MeshFileRegistry
 from mesh_identity.server.service import Service
 from plugins.manager import Plugins
-from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity
+from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity, xds_connection_age
 from xds_sds.mesh.sidecars import SidecarDirs
 from xds_sds.protocol.metrics import XdsMetrics
 
@@ -146,6 +146,7 @@ def attach_xds(service: Service, registry: WorkloadRegistry) -> XdsComponent:
         metrics=XdsMetrics(service.metrics.registry),
         max_connection_age=connection_age(config.ca.workload_ttl, config.ca.rotate_after),
         addr_file=config.state_dir / XDS_ADDR,
+        xds_connection_age=xds_connection_age(config.ca.workload_ttl, config.ca.rotate_after),
     )
     service.add_component(component)
     service.set_ack_source(component)

@@ -18,13 +18,15 @@ bootstrap and Envoy log in ``state/sidecars/<node>/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import timedelta
 from importlib import resources
@@ -51,6 +53,7 @@ from xds_sds.mesh.component import XdsComponent
 REFRESH = 2.0
 START_TIMEOUT = 60.0
 DEMO_MESH = "demo-mesh.yaml"  # package data of mesh_identity.demo
+LOG_FILE = "control-plane.log"
 
 
 class Interrupted(MeshIdentityError):
@@ -297,13 +300,28 @@ class Demo:
         return 1 if problems else 0
 
 
+@contextlib.contextmanager
+def _logging_to(path: Path) -> Iterator[None]:
+    """Log records go to ``path`` while the demo runs, not between the lines of its live view."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        handler.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration: {args.duration} is not a positive number of seconds")
     temporary = args.state_dir is None
     directory = Path(tempfile.mkdtemp(prefix="mesh-identity-demo-")) if temporary else Path(args.state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"demo directory: {directory}")
+    print(f"demo directory: {directory} (the control plane's log: {directory / LOG_FILE})")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -316,6 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = 1
     try:
         with ExitStack() as stack:
+            stack.enter_context(_logging_to(directory / LOG_FILE))
             code = Demo(args, directory, stop).run(stack)
             print("stopping: client, sidecars, apps, control plane", flush=True)
     except Interrupted:

@@ -36,6 +36,7 @@ from mesh_identity.svid import X509Svid
 from xds_sds.mesh.publisher import MeshPublisher
 from xds_sds.mesh.sidecars import SidecarDirs
 from xds_sds.protocol.metrics import XdsMetrics
+from xds_sds.protocol.server import DEFAULT_MAX_CONNECTION_AGE
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ XDS_ADDR = "xds.addr"
 def server_identity(trust_domain: TrustDomain) -> SpiffeId:
     """The SPIFFE ID of the xDS server's own certificate (what every bootstrap expects it to present)."""
     return control_plane_identity(trust_domain)
+
+
+def xds_connection_age(workload_ttl: timedelta, rotate_after: float) -> timedelta:
+    """How long a sidecar's connection to the xDS server lives: a third of the renewal window (at most the
+    server's default), so that the connection is recycled, and the sidecar handshakes with its renewed bootstrap
+    certificate, before the server must end its stream at the old certificate's NotAfter (30 s at 0.5: 5 s)."""
+    return min(DEFAULT_MAX_CONNECTION_AGE, workload_ttl * (1 - rotate_after) / 3)
 
 
 def connection_age(workload_ttl: timedelta, rotate_after: float) -> timedelta:
@@ -70,6 +78,7 @@ class XdsComponent:
         metrics: XdsMetrics | None = None,
         max_connection_age: timedelta | None = None,
         addr_file: Path | None = None,
+        xds_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -80,6 +89,7 @@ class XdsComponent:
         self._audit = audit
         self._metrics = metrics
         self._max_connection_age = max_connection_age
+        self._xds_connection_age = xds_connection_age
         self._addr_file = addr_file
         self._lock = threading.RLock()
         self._unsubscribes: dict[SpiffeId | None, Callable[[], None]] = {}
@@ -116,6 +126,7 @@ class XdsComponent:
                 audit=self._audit,
                 metrics=self._metrics,
                 max_connection_age=self._max_connection_age,
+                xds_connection_age=self._xds_connection_age,
             )
             self.xds = xds
             self._unsubscribes[None] = self.engine.bundles.subscribe(lambda _: self._apply_bundle())

@@ -45,7 +45,11 @@ from xds_sds.protocol.auth import BindingAuthorizer, bundle_secret_name, tls_sec
 from xds_sds.protocol.cache import Resource, SnapshotCache
 from xds_sds.protocol.credentials import ServerTls
 from xds_sds.protocol.metrics import XdsMetrics
-from xds_sds.protocol.server import DiscoveryServer
+from xds_sds.protocol.server import (
+    DEFAULT_MAX_CONNECTION_AGE,
+    DEFAULT_MAX_CONNECTION_AGE_GRACE,
+    DiscoveryServer,
+)
 from xds_sds.protocol.text import escaped
 from xds_sds.protocol.typeurls import KNOWN, SECRET, short_name
 from xds_sds.resources.proxy import ProxyView, Resources, build_proxy, proxy_views, secret_resources
@@ -72,6 +76,7 @@ class MeshPublisher:
         metrics: XdsMetrics | None = None,
         max_connection_age: timedelta | None = None,
         clock: Callable[[], datetime] = utcnow,
+        xds_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE,
     ) -> None:
         self._lock = threading.RLock()
         self._clock = clock
@@ -93,6 +98,8 @@ class MeshPublisher:
             audit=audit,
             metrics=metrics,
             address=str(address),
+            max_connection_age=xds_connection_age,
+            max_connection_age_grace=min(xds_connection_age, DEFAULT_MAX_CONNECTION_AGE_GRACE),
         )
         check_mesh(mesh)
         self._publish_mesh(mesh, previous=None)

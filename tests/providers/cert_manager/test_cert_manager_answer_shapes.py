@@ -809,6 +809,7 @@ def test_the_watch_thread_outlives_a_bug_and_an_ended_thread_is_replaced(
     while watcher._thread is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert watcher._thread is None
+    first.join(10)  # it has cleared its slot; let it finish returning
     assert not first.is_alive()
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
         "cert-manager: the watch of CertificateRequests ended; the next request starts another"
