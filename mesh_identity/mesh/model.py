@@ -11,6 +11,7 @@ Every service has one identity and one or more instances; every instance is one 
           - node: backend-1            # the sidecar's Envoy node id
             app: 127.0.0.1:8081        # where the app listens (plaintext, loopback)
             inbound: 127.0.0.1:15081   # the sidecar's mTLS port: the service's endpoint in the mesh
+            host: host-a               # optional: the host whose node agent may obtain this identity
       frontend:
         identity: spiffe://example.org/ns/shop/sa/frontend
         instances:
@@ -74,6 +75,7 @@ class Instance:
     node: str
     app: Address
     inbound: Address
+    host: str | None = None  # the host (node agent) it runs on; only that host's agent may obtain its identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,10 @@ class Mesh:
         """The identity a sidecar node id belongs to (what the xDS server ties its stream to)."""
         found = self.instance(node)
         return None if found is None else found[0].identity
+
+    def identities_on_host(self, host: str) -> frozenset[SpiffeId]:
+        """The identities of the instances placed on ``host``: what that host's node agent may obtain."""
+        return frozenset(s.identity for s in self.services.values() for i in s.instances if i.host == host)
 
     def nodes(self) -> tuple[str, ...]:
         return tuple(i.node for s in self.services.values() for i in s.instances)
@@ -180,11 +186,17 @@ def _identity(value: Any, path: str, name: str, trust_domain: TrustDomain) -> Sp
 
 def _instance(value: Any, path: str) -> Instance:
     section = _mapping(value, path)
-    _keys(section, ("node", "app", "inbound"), ("node", "app", "inbound"), path)
+    _keys(section, ("node", "app", "inbound", "host"), ("node", "app", "inbound"), path)
     node = _string(section["node"], f"{path}.node")
     if not _NODE.match(node):
         raise ConfigError(f"{path}.node: {node!r} is not a node id (letters, digits, '.', '_', '-'; 128 at most)")
-    return Instance(node, _address(section["app"], f"{path}.app"), _address(section["inbound"], f"{path}.inbound"))
+    host = None
+    if "host" in section:
+        host = _string(section["host"], f"{path}.host")
+        if not _NODE.match(host):
+            raise ConfigError(f"{path}.host: {host!r} is not a host name (letters, digits, '.', '_', '-'; 128 at most)")
+    app, inbound = _address(section["app"], f"{path}.app"), _address(section["inbound"], f"{path}.inbound")
+    return Instance(node, app, inbound, host)
 
 
 def _upstream(value: Any, path: str) -> Upstream:

@@ -21,7 +21,9 @@ from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 log = logging.getLogger(__name__)
 
+RESERVED_PREFIX = "/mesh-identity/"  # the control plane's own identities; no workload may have one
 CONTROL_PLANE_PATH = "/mesh-identity/xds"
+AGENT_PATH = "/mesh-identity/agent/"
 
 Subscriber = Callable[["Workloads"], None]
 
@@ -29,6 +31,18 @@ Subscriber = Callable[["Workloads"], None]
 def control_plane_identity(trust_domain: TrustDomain) -> SpiffeId:
     """The control plane's own identity (the xDS server's certificate): reserved, no workload may claim it."""
     return SpiffeId(trust_domain, CONTROL_PLANE_PATH)
+
+
+def agent_identity(trust_domain: TrustDomain, host: str) -> SpiffeId:
+    """The identity of the node agent of ``host`` (what a join token for that host buys)."""
+    return SpiffeId(trust_domain, AGENT_PATH + host)
+
+
+def agent_host(spiffe_id: SpiffeId) -> str | None:
+    """The host of a node agent's identity, or None for any other identity."""
+    if spiffe_id.path.startswith(AGENT_PATH) and "/" not in spiffe_id.path[len(AGENT_PATH) :]:
+        return spiffe_id.path[len(AGENT_PATH) :] or None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +102,12 @@ def validate_workloads(mesh: Mesh, expected: TrustDomain) -> None:
     if mesh.trust_domain != expected:
         raise ConfigError(f"the workloads are in trust domain {mesh.trust_domain}, not the mesh's {expected}")
     check_mesh(mesh)
-    reserved = control_plane_identity(expected)
     for name, service in mesh.services.items():
-        if service.identity == reserved:
-            raise ConfigError(f"services.{name}.identity: {reserved} is the xDS server's own identity")
+        if service.identity.path.startswith(RESERVED_PREFIX):
+            raise ConfigError(
+                f"services.{name}.identity: {service.identity} is under {RESERVED_PREFIX}, the control plane's own "
+                "identities (its xDS server's and the node agents')"
+            )
 
 
 class Publication:

@@ -55,7 +55,7 @@ def check_mesh(rule: Rule, mesh: Mesh) -> None:
     assert len(set(mesh.nodes())) == len(mesh.nodes())
     ok, err = rule.call(lambda: validate_workloads(mesh, TD), "validate_workloads")
     if not ok:  # only the control plane's own identity is refused here beyond parse_mesh's checks
-        assert "xDS server's own identity" in str(err), err
+        assert "the control plane's own identities" in str(err), err
         return
     for node in mesh.nodes():
         built, _ = rule.call(lambda node=node: proxy_resources(mesh, node), f"proxy_resources for node {node}")

@@ -112,7 +112,7 @@ def test_bootstrap_writes_files_with_a_certificate_of_the_identity_and_registers
         ({"mesh": {"services": {"xds": {"identity": "spiffe://example.org/mesh-identity/xds",
                                         "instances": [{"node": "x-1", "app": "127.0.0.1:1", "inbound": "127.0.0.1:2"}]}}}},
          FRONTEND, "frontend-1", [],
-         "services.xds.identity: spiffe://example.org/mesh-identity/xds is the xDS server's own identity"),
+         "services.xds.identity: spiffe://example.org/mesh-identity/xds is under /mesh-identity/, the control plane's own identities (its xDS server's and the node agents')"),
     ],
 )  # fmt: skip
 def test_bootstrap_errors_are_one_line_and_write_nothing(

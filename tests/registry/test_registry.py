@@ -61,7 +61,7 @@ def test_a_publication_numbers_its_sets_and_tells_subscribers_in_order() -> None
         ),
         (
             mesh(service("xds", 21020, control_plane_identity(TD))),
-            "services.xds.identity: spiffe://example.org/mesh-identity/xds is the xDS server's own identity",
+            "services.xds.identity: spiffe://example.org/mesh-identity/xds is under /mesh-identity/, the control plane's own identities (its xDS server's and the node agents')",
         ),
         (
             mesh(WEB, service("api", 21000)),

@@ -17,7 +17,7 @@ a trust bundle (validation context) by its trust domain's ID (``spiffe://example
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -54,7 +54,7 @@ class Trust:
     not_after: datetime
 
 
-def peer_credential(auth_context: Mapping[str, list[bytes]]) -> PeerCredential:
+def peer_credential(auth_context: Mapping[str, Iterable[bytes]]) -> PeerCredential:
     """The peer's certificate, chain and identity, from the auth context; PeerError unless it is an X.509-SVID
     leaf (a SPIFFE ID, not a CA, digitalSignature)."""
     leaf = peer_certificate(auth_context)
@@ -69,9 +69,9 @@ def peer_credential(auth_context: Mapping[str, list[bytes]]) -> PeerCredential:
     return PeerCredential(leaf, tuple(c for c in chain if c != leaf), identity)
 
 
-def peer_certificate(auth_context: Mapping[str, list[bytes]]) -> x509.Certificate:
+def peer_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> x509.Certificate:
     """The client certificate that the TLS handshake verified."""
-    pems = auth_context.get("x509_pem_cert") or []
+    pems = list(auth_context.get("x509_pem_cert") or [])
     if not pems:
         raise PeerError("the peer presented no client certificate")
     try:
@@ -80,7 +80,7 @@ def peer_certificate(auth_context: Mapping[str, list[bytes]]) -> x509.Certificat
         raise PeerError(f"the peer certificate cannot be read ({err})") from None
 
 
-def peer_identity(auth_context: Mapping[str, list[bytes]]) -> SpiffeId:
+def peer_identity(auth_context: Mapping[str, Iterable[bytes]]) -> SpiffeId:
     """The SPIFFE ID of the peer certificate that the TLS handshake verified."""
     return identity_of(peer_certificate(auth_context))
 

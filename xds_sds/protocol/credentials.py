@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import cast
 
 import grpc
 from cryptography import x509
@@ -104,7 +105,8 @@ class ServerTls:
         with self._lock:
             initial = self._configuration()
             self._served = self._generation
-        return grpc.dynamic_ssl_server_credentials(initial, self._fetch, require_client_authentication=True)
+        fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)  # None: keep the current one
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         chain, key, roots = self._material

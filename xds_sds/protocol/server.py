@@ -32,7 +32,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -568,7 +568,7 @@ def _discovery_request(data: bytes) -> discovery_pb2.DiscoveryRequest:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED) from None
 
 
-def _who(auth: Mapping[str, list[bytes]], address: str) -> str:
+def _who(auth: Mapping[str, Iterable[bytes]], address: str) -> str:
     """The SPIFFE ID of a refused peer when its certificate has one, else its address (for the audit)."""
     try:
         return str(identity_of(peer_certificate(auth)))
@@ -646,7 +646,7 @@ def _add_sds(servicer: _Sds, server: grpc.aio.Server) -> None:
     iterator."""
     request, response = discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
     delta_request, delta_response = discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
-    handlers: dict[str, grpc.RpcMethodHandler] = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "StreamSecrets": grpc.stream_stream_rpc_method_handler(
             servicer.StreamSecrets,
             request_deserializer=request.FromString,
