@@ -17,6 +17,7 @@ Example (``examples/config.yaml``, loaded by a test)::
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,41 @@ class ListenConfig:
         return f"{self.host}:{self.port}"
 
 
+class SecretSource(enum.StrEnum):
+    """Where a mesh's sidecars get their certificate and key (``xds.secrets``)."""
+
+    CONTROL_PLANE = "control-plane"  # the control plane makes every key and sends it over SDS (OSM's, Consul's model)
+    AGENT = "agent"  # a node agent makes the keys where the workload runs; SDS over a Unix socket (SPIRE's model)
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesAuthConfig:
+    """How the signing API checks Kubernetes service-account tokens (TokenReview)."""
+
+    kubeconfig: Path | None = None  # None: the in-cluster service-account config
+    audience: str = "mesh-identity"
+    timeout: timedelta = timedelta(seconds=5)
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """The signing API (``signing``): CSRs in, SVIDs out, for node agents."""
+
+    listen: ListenConfig  # mutual TLS: renewals and workload SVIDs, authenticated by the caller's SVID
+    attest_listen: ListenConfig  # server-authenticated TLS: a join token or a service-account token, once
+    kubernetes: KubernetesAuthConfig | None = None
+    max_csr_bytes: int = 8 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """JWT-SVIDs (``jwt``): ES256 keys of the trust domain, held by the control plane."""
+
+    ttl: timedelta = timedelta(minutes=5)  # a JWT-SVID's default lifetime
+    max_ttl: timedelta = timedelta(hours=1)  # the most a caller may ask for
+    key_ttl: timedelta = timedelta(days=1)  # a signing key signs for this long, then the next one takes over
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     trust_domain: TrustDomain
@@ -69,6 +105,9 @@ class Config:
     plugins: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     identities: tuple[SpiffeId, ...] = ()
+    xds_secrets: SecretSource = SecretSource.CONTROL_PLANE
+    signing: SigningConfig | None = None
+    jwt: JwtConfig = field(default_factory=JwtConfig)
 
 
 # -- field parsers: each takes the value and its key path, returns the parsed value or raises ConfigError ----
@@ -136,8 +175,71 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "jitter": _jitter,
     "provider_options": _mapping,
 }
-_TOP_FIELDS = ("trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities")
-_SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("listen", "ack_timeout")}
+_TOP_FIELDS = (
+    "trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities", "signing", "jwt",
+)  # fmt: skip
+_SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("listen", "ack_timeout", "secrets")}
+_SIGNING_FIELDS = ("listen", "attest_listen", "kubernetes", "max_csr_bytes")
+_KUBERNETES_FIELDS = ("kubeconfig", "in_cluster", "audience", "timeout")
+_JWT_FIELDS = ("ttl", "max_ttl", "key_ttl")
+
+
+def _positive(value: Any, path: str) -> timedelta:
+    duration = _duration(value, path)
+    if duration <= timedelta(0):
+        raise ConfigError(f"{path}: {shown(value)} is not a positive duration")
+    return duration
+
+
+def _kubernetes_auth(value: Any, base_dir: Path) -> KubernetesAuthConfig:
+    raw = _mapping(value, "signing.kubernetes")
+    _reject_unknown(raw, _KUBERNETES_FIELDS, "signing.kubernetes.")
+    in_cluster = raw.get("in_cluster", "kubeconfig" not in raw)
+    if not isinstance(in_cluster, bool):
+        raise ConfigError(f"signing.kubernetes.in_cluster: {shown(in_cluster)} is not true or false")
+    if in_cluster == ("kubeconfig" in raw):
+        raise ConfigError(
+            "signing.kubernetes: give either kubeconfig: FILE or in_cluster: true (the pod's service account)"
+        )
+    kubeconfig = base_dir / _string(raw["kubeconfig"], "signing.kubernetes.kubeconfig") if "kubeconfig" in raw else None
+    audience = _string(raw.get("audience", "mesh-identity"), "signing.kubernetes.audience")
+    return KubernetesAuthConfig(kubeconfig, audience, _positive(raw.get("timeout", "5s"), "signing.kubernetes.timeout"))
+
+
+def _signing(value: Any, base_dir: Path) -> SigningConfig | None:
+    if value is None:
+        return None
+    raw = _mapping(value, "signing")
+    _reject_unknown(raw, _SIGNING_FIELDS, "signing.")
+    for key in ("listen", "attest_listen"):
+        if key not in raw:
+            raise ConfigError(f"signing.{key}: required (HOST:PORT; port 0 picks a free one)")
+    listen, attest = _listen(raw["listen"], "signing.listen"), _listen(raw["attest_listen"], "signing.attest_listen")
+    if listen.port != 0 and (listen.host, listen.port) == (attest.host, attest.port):
+        raise ConfigError(f"signing.attest_listen: {attest} is signing.listen's address; they are two listeners")
+    size = raw.get("max_csr_bytes", 8 * 1024)
+    if isinstance(size, bool) or not isinstance(size, int) or not 512 <= size <= 64 * 1024:
+        raise ConfigError(f"signing.max_csr_bytes: {shown(size)} is not a whole number of bytes in [512, 65536]")
+    kubernetes = _kubernetes_auth(raw["kubernetes"], base_dir) if "kubernetes" in raw else None
+    return SigningConfig(listen, attest, kubernetes, size)
+
+
+def _jwt(value: Any) -> JwtConfig:
+    raw = _mapping(value, "jwt")
+    _reject_unknown(raw, _JWT_FIELDS, "jwt.")
+    jwt = JwtConfig(
+        ttl=_positive(raw.get("ttl", "5m"), "jwt.ttl"),
+        max_ttl=_positive(raw.get("max_ttl", "1h"), "jwt.max_ttl"),
+        key_ttl=_positive(raw.get("key_ttl", "24h"), "jwt.key_ttl"),
+    )
+    if jwt.ttl > jwt.max_ttl:
+        raise ConfigError(f"jwt.ttl: {shown(raw.get('ttl', '5m'))} is longer than jwt.max_ttl")
+    if jwt.key_ttl < jwt.max_ttl * 2:
+        raise ConfigError(
+            f"jwt.key_ttl: {shown(raw.get('key_ttl', '24h'))} is shorter than twice jwt.max_ttl; a key must outlive "
+            "every token it signed by a margin"
+        )
+    return jwt
 
 
 def _identities(value: Any, trust_domain: TrustDomain) -> tuple[SpiffeId, ...]:
@@ -205,6 +307,15 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
     if ack_timeout <= timedelta(0):
         raise ConfigError(f"xds.ack_timeout: {shown(sections['xds']['ack_timeout'])} is not a positive duration")
     mesh_file = base_dir / _string(data["mesh_file"], "mesh_file") if "mesh_file" in data else None
+    secrets_text = sections["xds"].get("secrets", SecretSource.CONTROL_PLANE.value)
+    try:
+        secrets = SecretSource(secrets_text)
+    except ValueError:
+        choices = ", ".join(k.value for k in SecretSource)
+        raise ConfigError(f"xds.secrets: {shown(secrets_text)} is not one of {choices}") from None
+    signing = _signing(data.get("signing"), base_dir)
+    if secrets is SecretSource.AGENT and signing is None:
+        raise ConfigError("xds.secrets: agent needs the signing section (signing.listen, signing.attest_listen)")
     return Config(
         trust_domain=trust_domain,
         state_dir=state_dir,
@@ -217,6 +328,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         plugins=_mapping(data.get("plugins"), "plugins"),
         source=source,
         identities=_identities(data.get("identities"), trust_domain),
+        xds_secrets=secrets,
+        signing=signing,
+        jwt=_jwt(data.get("jwt")),
     )
 
 
