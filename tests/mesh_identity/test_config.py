@@ -86,3 +86,55 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("MESH_IDENTITY_CONFIG")
     with pytest.raises(ConfigError, match="no config: pass --config FILE or set MESH_IDENTITY_CONFIG"):
         load_config()
+
+
+SIGNING = {"listen": "127.0.0.1:15011", "attest_listen": "127.0.0.1:15012"}
+
+
+def test_agent_mode_signing_and_jwt_sections(tmp_path: Path) -> None:
+    from mesh_identity.config import SecretSource
+
+    config = parse_config(
+        {**BASE, "xds": {"secrets": "agent"}, "jwt": {"ttl": "2m"},
+         "signing": {**SIGNING, "kubernetes": {"kubeconfig": "kube.yaml", "audience": "mesh"}}},
+        tmp_path,
+    )  # fmt: skip
+    assert config.xds_secrets is SecretSource.AGENT
+    assert config.signing is not None and str(config.signing.listen) == "127.0.0.1:15011"
+    assert config.signing.kubernetes is not None
+    assert config.signing.kubernetes.kubeconfig == tmp_path / "kube.yaml"
+    assert config.signing.kubernetes.audience == "mesh"
+    assert config.jwt.ttl == timedelta(minutes=2) and config.jwt.max_ttl == timedelta(hours=1)
+    default = parse_config(BASE, tmp_path)
+    assert default.xds_secrets is SecretSource.CONTROL_PLANE and default.signing is None
+    in_cluster = parse_config({**BASE, "signing": {**SIGNING, "kubernetes": {}}}, tmp_path)
+    assert in_cluster.signing is not None and in_cluster.signing.kubernetes is not None
+    assert in_cluster.signing.kubernetes.kubeconfig is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"xds": {"secrets": "agnet"}}, "xds.secrets: 'agnet' is not one of control-plane, agent"),
+        ({"xds": {"secrets": "agent"}},
+         "xds.secrets: agent needs the signing section (signing.listen, signing.attest_listen)"),
+        ({"signing": {"listen": "127.0.0.1:1"}}, "signing.attest_listen: required (HOST:PORT; port 0 picks a free one)"),
+        ({"signing": {**SIGNING, "attest_listen": "127.0.0.1:15011"}},
+         "signing.attest_listen: 127.0.0.1:15011 is signing.listen's address; they are two listeners"),
+        ({"signing": {**SIGNING, "listn": 1}}, "signing.listn: unknown key (did you mean 'listen'?)"),
+        ({"signing": {**SIGNING, "max_csr_bytes": 10**9}},
+         "signing.max_csr_bytes: 1000000000 is not a whole number of bytes in [512, 65536]"),
+        ({"signing": {**SIGNING, "kubernetes": {"kubeconfig": "k", "in_cluster": True}}},
+         "signing.kubernetes: give either kubeconfig: FILE or in_cluster: true (the pod's service account)"),
+        ({"signing": {**SIGNING, "kubernetes": {"timeout": "0s"}}},
+         "signing.kubernetes.timeout: '0s' is not a positive duration (use 30m, 24h, 7d)"),
+        ({"jwt": {"ttl": "2h"}}, "jwt.ttl: '2h' is longer than jwt.max_ttl"),
+        ({"jwt": {"key_ttl": "1h"}},
+         "jwt.key_ttl: '1h' is shorter than twice jwt.max_ttl; a key must outlive every token it signed by a margin"),
+        ({"jwt": {"tll": "5m"}}, "jwt.tll: unknown key (did you mean 'ttl'?)"),
+    ],
+)  # fmt: skip
+def test_bad_agent_sections_name_the_key(doc: dict[str, Any], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**BASE, **doc}, tmp_path)
+    assert str(err.value) == message
