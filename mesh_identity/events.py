@@ -95,7 +95,31 @@ class AccessDenied:
     count: int = 1  # how many resources the request was refused
 
 
-Event = CertificateIssued | CertificateRotated | RotationFailed | CaRotated | AccessDenied
+@dataclass(frozen=True, slots=True)
+class SigningDecision:
+    """The signing API granted or refused a request (one event per call of Attest, SignX509, SignJwt, FetchBundle).
+
+    ``caller`` is who the server authenticated: the SPIFFE ID of the peer's SVID, ``node <host>`` for a join
+    token, ``serviceaccount <ns>/<sa>`` for a reviewed Kubernetes token; or, when it authenticated nobody, what it
+    saw (``join token <hash prefix>``, ``kubernetes token``, ``anonymous``). ``credential`` is ``svid``,
+    ``join-token``, ``kubernetes-token`` or ``none``. ``spiffe_id`` is the identity asked for or decided (empty
+    when there was none), ``code`` the gRPC status name (``OK`` for a grant), ``reason`` why it was refused,
+    ``serial`` the issued certificate's serial (X.509 grants), ``peer`` the caller's network address. Never a
+    token, a key or a CSR: a join token is named by a prefix of its SHA-256 only."""
+
+    rpc: str
+    caller: str
+    credential: str
+    spiffe_id: str
+    granted: bool
+    code: str
+    reason: str
+    peer: str
+    at: datetime
+    serial: str = ""
+
+
+Event = CertificateIssued | CertificateRotated | RotationFailed | CaRotated | AccessDenied | SigningDecision
 
 
 class EventSink(Protocol):

@@ -26,7 +26,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, Event, RotationFailed
+from mesh_identity.events import (
+    AccessDenied,
+    CaRotated,
+    CertificateIssued,
+    CertificateRotated,
+    Event,
+    RotationFailed,
+    SigningDecision,
+)
 from plugins import hookimpl
 
 
@@ -46,15 +54,28 @@ class AuditLog:
     def write(self, event: Event) -> None:
         if self.path is None:
             return
-        record = {"event": type(event).__name__, **dataclasses.asdict(event)}
-        line = json.dumps(record, default=_plain, sort_keys=True)
+        # events are flat (strings, enums, times, tuples of strings): their fields as they are, no deep copy
+        record = {"event": type(event).__name__, **{name: getattr(event, name) for name in _fields(event)}}
+        line = (json.dumps(record, default=_plain, sort_keys=True) + "\n").encode()
         with self._lock:
             _make_missing_dirs(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            try:
                 if os.fstat(fd).st_mode & 0o077:
                     os.fchmod(fd, 0o600)
-                handle.write(line + "\n")
+                os.write(fd, line)  # one write of the whole line (O_APPEND: lines of two writers never interleave)
+            finally:
+                os.close(fd)
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _fields(event: Event) -> tuple[str, ...]:
+    names = _FIELDS.get(type(event))
+    if names is None:
+        names = _FIELDS[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+    return names
 
 
 def _make_missing_dirs(directory: Path) -> None:
@@ -111,4 +132,9 @@ def mesh_identity_ca_rotated(event: CaRotated) -> None:
 
 @hookimpl
 def mesh_identity_access_denied(event: AccessDenied) -> None:
+    AUDIT.write(event)
+
+
+@hookimpl
+def mesh_identity_signing_decision(event: SigningDecision) -> None:
     AUDIT.write(event)

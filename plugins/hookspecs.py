@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, RotationFailed
+from mesh_identity.events import (
+    AccessDenied,
+    CaRotated,
+    CertificateIssued,
+    CertificateRotated,
+    RotationFailed,
+    SigningDecision,
+)
 from mesh_identity.provider import ProviderSpec
 from plugins import hookspec
 
@@ -102,5 +109,17 @@ def mesh_identity_access_denied(event: AccessDenied) -> None:
 
     :param event: the peer's authenticated SPIFFE ID, the resource it asked for, and why it was refused.
     Called for every plugin; the return value is ignored.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def mesh_identity_signing_decision(event: SigningDecision) -> None:
+    """The signing API granted or refused a request (an SVID, a JWT-SVID or the bundle, for a node agent).
+
+    :param event: the RPC, the authenticated caller and its kind of credential, the identity asked for or
+        issued, granted or not with the gRPC status and the reason, the serial of an issued certificate. It
+        carries no token, key or CSR.
+    Called for every plugin, once per request, after the decision; the return value is ignored.
     """
     raise NotImplementedError

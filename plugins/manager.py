@@ -13,7 +13,15 @@ from typing import Any
 import pluggy
 
 from mesh_identity.errors import ConfigError, PluginError
-from mesh_identity.events import AccessDenied, CaRotated, CertificateIssued, CertificateRotated, Event, RotationFailed
+from mesh_identity.events import (
+    AccessDenied,
+    CaRotated,
+    CertificateIssued,
+    CertificateRotated,
+    Event,
+    RotationFailed,
+    SigningDecision,
+)
 from mesh_identity.provider import ProviderSpec
 from plugins import NAME, hookspecs
 
@@ -26,6 +34,7 @@ _EVENT_HOOKS: dict[type, str] = {
     RotationFailed: "mesh_identity_rotation_failed",
     CaRotated: "mesh_identity_ca_rotated",
     AccessDenied: "mesh_identity_access_denied",
+    SigningDecision: "mesh_identity_signing_decision",
 }
 
 

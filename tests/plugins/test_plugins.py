@@ -100,7 +100,7 @@ def test_a_failing_plugin_cannot_stop_events(caplog: pytest.LogCaptureFixture) -
 
 def test_every_hookspec_is_documented_with_its_signature() -> None:
     specs = [f for name, f in vars(hookspecs).items() if name.startswith("mesh_identity_")]
-    assert len(specs) == 8
+    assert len(specs) == 9
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert len(doc) > 40, spec.__name__
