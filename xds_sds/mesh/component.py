@@ -13,6 +13,10 @@ their SVIDs issued before this component hears of a change. On start it builds a
 * the server identity's source -> :meth:`MeshPublisher.update_server_svid`;
 * the trust bundle -> :meth:`MeshPublisher.update_bundle`, and the bootstrap bundle of every registered sidecar.
 
+In agent mode (``secrets=SecretSource.AGENT``) the publisher serves no certificate and there are no bootstrap
+directories to renew (``sidecars`` is None): each sidecar's node agent delivers its certificate, and the
+bundle that verifies this server, over SDS on a Unix socket.
+
 A callback does not use the value it is handed but reads the source again under one lock, so whatever order
 the callbacks of two quick changes run in, the last one applied is the current one.
 """
@@ -25,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from mesh_identity.config import SecretSource
 from mesh_identity.errors import MeshIdentityError
 from mesh_identity.events import EventSink
 from mesh_identity.files import write_private
@@ -36,7 +41,7 @@ from mesh_identity.svid import X509Svid
 from xds_sds.mesh.publisher import MeshPublisher
 from xds_sds.mesh.sidecars import SidecarDirs
 from xds_sds.protocol.metrics import XdsMetrics
-from xds_sds.protocol.server import DEFAULT_MAX_CONNECTION_AGE
+from xds_sds.protocol.server import DEFAULT_MAX_CONNECTION_AGE, Tap
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class XdsComponent:
     """See the module docstring.
 
     :param addr_file: where to write ``host:port`` once listening (removed at stop), for ``bootstrap``.
+    :param secrets: who delivers the sidecars' certificates (the control plane, or node agents).
     """
 
     def __init__(
@@ -79,8 +85,13 @@ class XdsComponent:
         max_connection_age: timedelta | None = None,
         addr_file: Path | None = None,
         xds_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE,
+        secrets: SecretSource = SecretSource.CONTROL_PLANE,
     ) -> None:
+        if secrets is SecretSource.AGENT and sidecars is not None:
+            raise ValueError("in agent mode no bootstrap certificate is renewed: pass no SidecarDirs")
         self.engine = engine
+        self.secrets = secrets
+        self._taps: list[Tap] = []
         self.registry = registry
         self.server_identity = server_identity(registry.trust_domain)
         self.sidecars = sidecars
@@ -106,9 +117,19 @@ class XdsComponent:
         return self.xds.address if self.xds is not None else self._address
 
     def summary(self) -> str:
-        return f"xDS (ADS over mTLS) on {self.address} for {self.registry.current().describe()}; " + (
+        keys = "; certificates from node agents" if self.secrets is SecretSource.AGENT else ""
+        return f"xDS (ADS over mTLS) on {self.address}{keys} for {self.registry.current().describe()}; " + (
             self.registry.describe()
         )
+
+    def add_tap(self, tap: Tap) -> None:
+        """Show ``tap`` every response the xDS server sends (see
+        :meth:`~xds_sds.protocol.server.DiscoveryServer.add_tap`), from the next :meth:`start` on, and at once
+        when it is running."""
+        with self._lock:
+            self._taps.append(tap)
+            if self.xds is not None:
+                self.xds.server.add_tap(tap)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -127,7 +148,10 @@ class XdsComponent:
                 metrics=self._metrics,
                 max_connection_age=self._max_connection_age,
                 xds_connection_age=self._xds_connection_age,
+                secrets=self.secrets,
             )
+            for tap in self._taps:
+                xds.server.add_tap(tap)
             self.xds = xds
             self._unsubscribes[None] = self.engine.bundles.subscribe(lambda _: self._apply_bundle())
             self._apply_bundle()

@@ -16,6 +16,13 @@ Feed it as things change, from any thread:
   again: the streams of a node that left the mesh, or that now belongs to another identity than the
   certificate the stream was opened with, end with ``PERMISSION_DENIED``.
 
+In agent mode (``secrets=SecretSource.AGENT``, the mesh's ``xds.secrets: agent``) no private key leaves the
+control plane: the sidecars' TLS contexts fetch their certificate from the node agent next to them (see
+:mod:`xds_sds.resources.tls`), the snapshots hold no ``TlsCertificate`` secret (the trust bundle stays: it is
+public, and its acknowledgements are root rotation's evidence), :meth:`MeshPublisher.update_identity` serves
+nothing, and a request for a certificate secret is refused and audited (:class:`BundlesOnly`). The control
+plane cannot see which certificate a sidecar presents then: :meth:`MeshPublisher.proxies_chaining_to` finds none.
+
 Root rotation asks which sidecars have acknowledged what: :class:`MeshPublisher` answers as an ``AckSource``
 (:meth:`MeshPublisher.proxies_missing_bundle`, :meth:`MeshPublisher.proxies_chaining_to`), through the
 :class:`~xds_sds.mesh.component.XdsComponent` that is the ``Service``'s component and ack source.
@@ -34,6 +41,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from mesh_identity.clock import utcnow
+from mesh_identity.config import SecretSource
 from mesh_identity.durations import format_duration
 from mesh_identity.events import EventSink
 from mesh_identity.mesh.model import Address, Mesh, check_mesh
@@ -41,7 +49,13 @@ from mesh_identity.rotation.roots import root_of
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid, fingerprint_of, load_certs_pem
 from xds_sds.protocol.acks import AckTracker
-from xds_sds.protocol.auth import BindingAuthorizer, bundle_secret_name, tls_secret_name
+from xds_sds.protocol.auth import (
+    Authorizer,
+    BindingAuthorizer,
+    bundle_secret_name,
+    is_bundle_secret_name,
+    tls_secret_name,
+)
 from xds_sds.protocol.cache import Resource, SnapshotCache
 from xds_sds.protocol.credentials import ServerTls
 from xds_sds.protocol.metrics import XdsMetrics
@@ -64,6 +78,8 @@ class MeshPublisher:
     :param address: where to listen, ``host:port`` (port 0 picks one; see :attr:`port`).
     :param max_connection_age: how long a sidecar reuses an upstream HTTP connection before draining it, so
         that rotated certificates are used on the wire within that time (None: as long as it lives).
+    :param secrets: who delivers the sidecars' certificates: the control plane (over ADS), or node agents
+        (see the module docstring).
     """
 
     def __init__(
@@ -77,8 +93,10 @@ class MeshPublisher:
         max_connection_age: timedelta | None = None,
         clock: Callable[[], datetime] = utcnow,
         xds_connection_age: timedelta = DEFAULT_MAX_CONNECTION_AGE,
+        secrets: SecretSource = SecretSource.CONTROL_PLANE,
     ) -> None:
         self._lock = threading.RLock()
+        self.secrets = secrets
         self._clock = clock
         self._changed_at: dict[tuple[str, str], datetime] = {}  # (node, type URL) -> when last changed
         self.max_connection_age = max_connection_age
@@ -90,10 +108,11 @@ class MeshPublisher:
         self.acks = AckTracker()
         self.tls = ServerTls.from_svid(server_svid)
         self.server_identity = server_svid.spiffe_id
+        authorizer: Authorizer = BindingAuthorizer(self._node_identity)
         self.server = DiscoveryServer(
             self.cache,
             self.tls,
-            BindingAuthorizer(self._node_identity),
+            BundlesOnly(authorizer) if secrets is SecretSource.AGENT else authorizer,
             acks=self.acks,
             audit=audit,
             metrics=metrics,
@@ -135,10 +154,13 @@ class MeshPublisher:
     # -- inputs --------------------------------------------------------------------------------------------
 
     def update_identity(self, svid: X509Svid) -> tuple[str, ...]:
-        """Serve ``svid`` to the sidecars of its identity; returns their node ids (empty if none)."""
+        """Serve ``svid`` to the sidecars of its identity; returns their node ids (empty if none). In agent mode
+        nothing is served (their agents deliver their certificates)."""
         with self._lock:
             self._svids[svid.spiffe_id] = svid
             nodes = self._mesh.nodes_of(svid.spiffe_id)
+            if self.secrets is SecretSource.AGENT:
+                return nodes
             secrets = packed(secret_resources(svid, self._bundle))
             now = self._clock()
             for node in nodes:
@@ -185,9 +207,9 @@ class MeshPublisher:
             changed = [node for node, view in views.items() if self._views.get(node) != view]
             built: dict[str, Resources] = {}
             for node in changed:
-                built[node] = build_proxy(views[node], max_connection_age=self.max_connection_age)
+                built[node] = build_proxy(views[node], max_connection_age=self.max_connection_age, secrets=self.secrets)
                 svid = self._svids.get(views[node].identity)
-                built[node][SECRET] = secret_resources(svid, self._bundle)
+                built[node][SECRET] = secret_resources(svid, self._bundle, self.secrets)
             now = self._clock()
             for node in changed:
                 before = {type_url: self.cache.get(node, type_url).version for type_url in built[node]}
@@ -272,6 +294,22 @@ class MeshPublisher:
         """Sidecars that acknowledged ``svid`` as their certificate."""
         version = Resource.pack(tls_secret_name(svid.spiffe_id), tls_certificate_secret(svid)).version
         return self.acks.nodes_acked(SECRET, tls_secret_name(svid.spiffe_id), version)
+
+
+class BundlesOnly:
+    """The authorizer of a mesh in agent mode: ``inner``'s decisions, except that no certificate secret is
+    anyone's (the node agents deliver them): a request for one is refused, and audited as every refusal is."""
+
+    def __init__(self, inner: Authorizer) -> None:
+        self._inner = inner
+
+    def node_denied(self, identity: SpiffeId, node_id: str) -> str | None:
+        return self._inner.node_denied(identity, node_id)
+
+    def resource_denied(self, identity: SpiffeId, node_id: str, type_url: str, name: str) -> str | None:
+        if type_url == SECRET and not is_bundle_secret_name(name):
+            return f"secret {name!r}: in agent mode the node agent delivers certificates, the control plane no key"
+        return self._inner.resource_denied(identity, node_id, type_url, name)
 
 
 def packed(resources: dict[str, Message]) -> dict[str, Resource]:

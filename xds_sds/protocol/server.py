@@ -23,6 +23,9 @@ are recycled after :data:`DEFAULT_MAX_CONNECTION_AGE` (gRPC's ``max_connection_a
 grace period, then the connection is closed and the client reconnects with a new handshake), and closed after
 :data:`DEFAULT_MAX_CONNECTION_IDLE` without RPCs, so that a client whose streams were refused for a stale
 handshake connects again instead of retrying on the same connection forever.
+
+Taps (:meth:`DiscoveryServer.add_tap`) see every response the server sends, as it is sent: the tests that
+check what crosses the wire (no private key in agent mode) and the demo's count of it use them.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ DEFAULT_MAX_CONNECTION_AGE_GRACE = timedelta(minutes=1)
 DEFAULT_MAX_CONNECTION_IDLE = timedelta(seconds=3)
 _RECHECK_AFTER = 1.0  # seconds: when a stream's timer fired before its NotAfter by the clock, look again then
 MALFORMED = "malformed request: it is not a valid discovery request message"
+Tap = Callable[[str, Message], None]  # (the service: ads, ads-delta, sds, sds-delta or FetchSecrets; the response)
 SDS_SERVICE: str = sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name
 
 
@@ -209,6 +213,28 @@ class DiscoveryServer:
         self._revoked: dict[int, _Ending] = {}  # streams that must end, and why
         self._streams_lock = threading.Lock()
         self._cancel_roots: Callable[[], None] | None = None
+        self._taps: tuple[Tap, ...] = ()
+
+    def add_tap(self, tap: Tap) -> Callable[[], None]:
+        """Call ``tap(service, response)`` with every response sent from now on (stream responses just before
+        they are written, ``FetchSecrets`` answers before they are returned), on the server's event loop: it
+        must return quickly and not block. An exception it raises is logged and the response is sent all the
+        same. Returns a function that removes the tap."""
+        with self._streams_lock:
+            self._taps = (*self._taps, tap)
+
+        def remove() -> None:
+            with self._streams_lock:
+                self._taps = tuple(t for t in self._taps if t is not tap)
+
+        return remove
+
+    def _tapped(self, service: str, response: Message) -> None:
+        for tap in self._taps:
+            try:
+                tap(service, response)
+            except Exception:
+                log.exception("an xDS response tap failed (the response is sent all the same)")
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -461,6 +487,7 @@ class DiscoveryServer:
                             )
                             self._live[key] = (session, wake)
                 for response in protocol.responses():
+                    self._tapped(service, response)
                     await context.write(response)
                 if ended:
                     if ended[0] is not None:
@@ -520,9 +547,11 @@ class DiscoveryServer:
         snap = session.snapshot(type_url)
         selected = session.select(type_url, snap, frozenset(request.resource_names))
         session.sent(type_url)
-        return discovery_pb2.DiscoveryResponse(
+        response = discovery_pb2.DiscoveryResponse(
             version_info=snap.version, resources=[r.body for r in selected.values()], type_url=type_url
         )
+        self._tapped("FetchSecrets", response)
+        return response
 
     async def _open_session(
         self, context: grpc.aio.ServicerContext[Any, Any], what: str, fixed_type: str | None

@@ -11,6 +11,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2
 
+from mesh_identity.config import SecretSource
 from mesh_identity.mesh.model import Address
 from mesh_identity.spiffe import SpiffeId
 from xds_sds.resources import tls
@@ -48,20 +49,27 @@ def local_app(name: str, app: Address) -> cluster_pb2.Cluster:
 
 
 def upstream(
-    name: str, identity: SpiffeId, peer: SpiffeId, *, http: bool = True, max_connection_age: timedelta | None = None
+    name: str,
+    identity: SpiffeId,
+    peer: SpiffeId,
+    *,
+    http: bool = True,
+    max_connection_age: timedelta | None = None,
+    secrets: SecretSource = SecretSource.CONTROL_PLANE,
 ) -> cluster_pb2.Cluster:
     """An upstream service: endpoints over EDS, mTLS presenting ``identity`` and accepting only ``peer``.
 
     ``max_connection_age`` bounds how long an HTTP connection to the upstream is reused: Envoy drains older
     ones (no request fails) and the next handshake presents the current certificate. Without it a connection
-    made before a rotation keeps the old certificate for as long as it lives.
+    made before a rotation keeps the old certificate for as long as it lives. ``secrets``: where the sidecar
+    fetches its certificate (see :mod:`xds_sds.resources.tls`).
     """
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads(), service_name=name),
         connect_timeout=CONNECT_TIMEOUT,
-        transport_socket=tls.upstream(identity, peer),
+        transport_socket=tls.upstream(identity, peer, secrets),
     )
     if http and max_connection_age is not None:
         age = duration_pb2.Duration()
