@@ -6,6 +6,9 @@
   client certificate). Counters are per route, and per answering service (traffic splits show there). On a
   route the policy refuses (``Route.refused``), a request counts as ok when the last hop's sidecar refused it.
 * :class:`RotationLog`: the certificate rotations, and which sidecars loaded each new certificate.
+* :class:`SidecarFigures`: the figures ``mesh-identity top`` shows (requests/s, error %, p50, p99 of every hop),
+  read from the stats endpoints of the sidecars whose instance has a ``stats`` address; :class:`Traffic` hands
+  each route the figures of its hops, and :func:`render` shows them as top's table.
 * :func:`render`: one frame of plain text from a :class:`Frame`; the same text on a terminal (redrawn in
   place) and in a pipe (frames one after another).
 """
@@ -23,6 +26,7 @@ from typing import Any
 from mesh_identity.demo.mesh import Route
 from mesh_identity.durations import format_duration
 from mesh_identity.mesh.model import Address, Mesh
+from xds_sds.mesh.figures import RouteCounts, RouteFigures, RouteKey, figures, merge, read_stats, route_counts, table
 
 Hop = tuple[str, str]  # (the service that answered, the SPIFFE ID it saw calling)
 DENIED = "RBAC: access denied"  # what a sidecar answers (403) to a caller its access policy leaves out
@@ -65,9 +69,47 @@ class RouteStats:
     answered_by: collections.Counter[str] = field(default_factory=collections.Counter)  # by the services that
     # answered, e.g. "backend-v2 -> ratings": more than one where a traffic split sends requests different ways
     last_error: str | None = None
+    figures: tuple[RouteFigures, ...] = ()  # of its hops, from the sidecars' stats (none without stats endpoints)
 
     def copy(self) -> RouteStats:
-        return RouteStats(self.route, self.ok, self.failed, self.hops, self.answered_by.copy(), self.last_error)
+        return RouteStats(
+            self.route, self.ok, self.failed, self.hops, self.answered_by.copy(), self.last_error, self.figures
+        )
+
+
+class SidecarFigures:
+    """The traffic figures of the sidecars of ``mesh`` that have a stats endpoint, since the last :meth:`sample`."""
+
+    def __init__(self, mesh: Mesh, read: Callable[[Address], str] = lambda a: read_stats(a, timeout=1.0)) -> None:
+        self.endpoints = [i.stats for s in mesh.services.values() for i in s.instances if i.stats is not None]
+        self.read = read
+        self._last: tuple[float, dict[RouteKey, RouteCounts]] | None = None
+
+    def sample(self) -> list[RouteFigures]:
+        """Read every endpoint; the figures since the previous call (none at the first, or without endpoints)."""
+        if not self.endpoints:
+            return []
+        readings = []
+        for endpoint in self.endpoints:
+            try:
+                readings.append(route_counts(self.read(endpoint)))
+            except (OSError, ValueError):
+                continue  # a sidecar that cannot be read now: its routes show again at the next sample
+        now, counts = time.monotonic(), merge(readings)
+        last, self._last = self._last, (now, counts)
+        if last is None or now <= last[0]:
+            return []
+        return figures(last[1], counts, now - last[0])
+
+
+def hop_figures(route: Route, mesh: Mesh, rows: Sequence[RouteFigures]) -> tuple[RouteFigures, ...]:
+    """The rows of ``route``'s hops: caller to callee, or to each backend of the callee's traffic split."""
+    found = []
+    for caller, callee in zip(route.hops, route.hops[1:], strict=False):
+        split = mesh.policy.split_of(callee)
+        callees = {callee} if split is None else {b.service for b in split.backends}
+        found += [row for row in rows if row.key.source_service == caller and row.key.destination_service in callees]
+    return tuple(found)
 
 
 class Traffic:
@@ -82,6 +124,7 @@ class Traffic:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures: collections.deque[str] = collections.deque(maxlen=20)
+        self.sidecar_figures = SidecarFigures(mesh)
 
     def entry(self, route: Route) -> Address:
         return self.mesh.services[route.hops[0]].instances[0].app
@@ -122,8 +165,13 @@ class Traffic:
                 self._stop.wait(self.interval)
 
     def stats(self) -> list[RouteStats]:
+        """Each route's counters, with the figures of its hops since the last call (from the sidecars' stats)."""
+        rows = self.sidecar_figures.sample()
         with self._lock:
-            return [s.copy() for s in self._stats]
+            copies = [s.copy() for s in self._stats]
+        for stats in copies:
+            stats.figures = hop_figures(stats.route, self.mesh, rows)
+        return copies
 
     def totals(self) -> tuple[int, int]:
         with self._lock:
@@ -228,6 +276,11 @@ def render(frame: Frame, *, rotations_shown: int = 6) -> str:
         lines.append(f"  {stats.route.name} answered by: {shares}")
     if frame.last_failure:
         lines.append(f"last failure: {frame.last_failure}")
+    measured = {row.key: row for stats in frame.routes for row in stats.figures}
+    if measured:
+        lines.append("")
+        lines.append("TRAFFIC, FROM THE SIDECARS' STATS (as mesh-identity top shows it)")
+        lines += table([measured[key] for key in sorted(measured)])
     lines.append("")
     lines.append(f"ROTATIONS: {len(frame.rotations)}" + (" (latest last)" if frame.rotations else ""))
     rows = []

@@ -9,8 +9,14 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_identity.assembly import build_service
-from tests.rotation.helpers import ids, make_config, provider_for
+from mesh_identity.compose import Stage, build
+from mesh_identity.config import parse_config
+from mesh_identity.mesh.model import Instance, Mesh, Protocol, Service
+from mesh_identity.registry.base import StaticRegistry
+from mesh_identity.spiffe import SpiffeId
+from tests.e2e.harness import free_address
+from tests.observability.tlsserver import TlsServer
+from tests.waiting import wait_until
 
 ALERTS = Path(__file__).resolve().parents[2] / "examples" / "alerts.yaml"
 METRIC = re.compile(r"\bmesh_identity_[a-z_]+\b")
@@ -35,15 +41,35 @@ def test_rules_are_complete():
 
 
 def test_every_metric_an_alert_names_is_exported(tmp_path):
-    config = make_config(tmp_path, identities=ids("web"))
-    service = build_service(config, provider_for(config))
-    service.start(paused=True)
+    """Scraped from ``serve``'s composition with a mesh of one sidecar (a TLS server standing in for its inbound
+    listener), so the prober's metrics are there too."""
+    config = parse_config(
+        {"trust_domain": "example.org", "state_dir": "state", "metrics": {"listen": "127.0.0.1:0"},
+         "xds": {"listen": "127.0.0.1:0"}, "plugins": {"audit": {"enabled": False}}},
+        tmp_path,
+    )  # fmt: skip
+    sidecar = TlsServer(tmp_path / "sidecar", b"")
+    web = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
+    mesh = Mesh(config.trust_domain, {"web": Service("web", web, Protocol.HTTP, (Instance("web-1", free_address(), sidecar.address),))})
+    system = build(config, Stage.SERVER, create=True, registry=StaticRegistry(mesh))
+    assert system.service is not None
+    service = system.service
+    service.start()
     try:
-        service.engine.rotate(ids("web")[0])  # so counters have samples
-        with urllib.request.urlopen(service.url + "/metrics", timeout=30) as response:
-            text = response.read().decode()
+        sidecar.roots = service.engine.bundles.bundle().pem()
+        sidecar.serve(service.engine.source(web).svid()).start()
+        service.engine.rotate(web)  # so counters have samples
+        assert system.prober is not None
+        system.prober.probe_all()  # now, not in a probe interval
+
+        def scrape() -> str:
+            with urllib.request.urlopen(service.url + "/metrics", timeout=30) as response:
+                return response.read().decode()
+
+        text = wait_until(lambda: next((t for t in [scrape()] if "mesh_identity_sidecar_certificate_newest{" in t), ""), "a probe")
     finally:
         service.stop()
+        sidecar.stop()
     exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
     used = {name for rule in rules() for name in METRIC.findall(rule["expr"])}
     assert used, "the rules name no metric"

@@ -79,6 +79,7 @@ class SidecarDirs:
         out_dir: Path | None = None,
         admin: Address | None = None,
         delta: bool = False,
+        stats: Address | None = None,
     ) -> BootstrapFiles:
         """Write ``node``'s bootstrap to ``out_dir`` (default ``<state_dir>/sidecars/<node>``) and register it."""
         directory = out_dir if out_dir is not None else self.default_dir(node)
@@ -88,7 +89,7 @@ class SidecarDirs:
         directory = directory.resolve()
         files = write_bootstrap(
             svid, directory, node=node, cluster=cluster, xds=xds, server_identity=server_identity,
-            admin=admin, delta=delta,
+            admin=admin, delta=delta, stats=stats,
         )  # fmt: skip
         self.register(node, directory)
         return files

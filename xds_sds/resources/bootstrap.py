@@ -18,18 +18,40 @@ Layout of ``out_dir``::
     envoy.json            the bootstrap (pass it to envoy -c)
     sds/xds-cert.json     the bootstrap SVID and key (mode 0600)
     sds/xds-bundle.json   the trust bundle that verifies the xDS server
+
+A mesh in agent mode (``xds.secrets: agent``) needs no certificate file at all: :func:`write_agent_bootstrap`
+writes ``envoy.json`` alone, with a second static cluster, :data:`~xds_sds.resources.tls.AGENT_CLUSTER`, whose
+one endpoint is the node agent's SDS socket (a ``pipe`` address). The xDS cluster takes its client certificate
+(the sidecar's SVID, secret ``tls_secret_name(identity)``) and the bundle that verifies the server (secret
+``bundle_secret_name(trust_domain)``) from the agent; the mesh's TLS contexts, which come over ADS, name the
+agent for their certificate too (:mod:`xds_sds.resources.tls`). Nothing in that bootstrap is secret, and
+nothing renews it.
+
+Given ``stats`` (the instance's ``stats`` address in the mesh file), either bootstrap also gets the sidecar's
+Prometheus endpoint: a static listener there that serves ``GET /stats/prometheus`` from the admin through a
+static cluster, the tag extraction of the labelled stat names, and stats flushed when scraped
+(:func:`xds_sds.resources.stats.add_stats_endpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import backoff_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    backoff_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.overload.v3 import overload_pb2
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
@@ -39,11 +61,14 @@ from google.protobuf import duration_pb2, json_format
 
 from mesh_identity.files import owned_dir, write_private_at
 from mesh_identity.mesh.model import Address
+from mesh_identity.ports import free_port
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid
+from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
 from xds_sds.resources import clusters
 from xds_sds.resources.packing import pack, socket_address
-from xds_sds.resources.tls import TRANSPORT_SOCKET, uri_san_matcher
+from xds_sds.resources.stats import add_stats_endpoint
+from xds_sds.resources.tls import AGENT_CLUSTER, TRANSPORT_SOCKET, agent_sds, uri_san_matcher
 
 XDS_CLUSTER = "mesh-identity-xds"
 CERT_SECRET_NAME = "xds-client-certificate"  # noqa: S105 - an SDS secret name
@@ -53,6 +78,7 @@ MAX_DOWNSTREAM_CONNECTIONS = 10_000  # a sidecar's limit on accepted connections
 SDS_DIR = "sds"
 CERT_FILE = "xds-cert.json"
 BUNDLE_FILE = "xds-bundle.json"
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with the final NUL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +105,7 @@ def write_bootstrap(
     admin: Address | None = None,
     delta: bool = False,
     max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+    stats: Address | None = None,
 ) -> BootstrapFiles:
     """Write the bootstrap of the sidecar ``node`` (of ``svid``'s identity) and its certificate files.
 
@@ -90,10 +117,13 @@ def write_bootstrap(
         ``--admin-address-path``).
     :param delta: use the incremental xDS protocol instead of state of the world.
     :param max_connections: the most connections the sidecar accepts at once (Envoy's overload manager).
+    :param stats: the sidecar's Prometheus endpoint (the mesh file's ``instances[].stats``; see
+        :mod:`xds_sds.resources.stats`); it reaches the admin through a static cluster, so with it an admin
+        port 0 becomes a free port chosen now.
     """
-    admin = admin if admin is not None else Address("127.0.0.1", 0)
-    if admin.host not in ("127.0.0.1", "::1"):
-        raise ValueError(f"the Envoy admin must listen on loopback, not {admin.host}")
+    admin = _loopback_admin(admin)
+    if stats is not None and admin.port == 0:
+        admin = Address(admin.host, free_port(admin.host))
     files = files_in(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     document = bootstrap(
@@ -106,6 +136,8 @@ def write_bootstrap(
         delta=delta,
         max_connections=max_connections,
     )
+    if stats is not None:
+        add_stats_endpoint(document, stats, admin)
     with owned_dir(out_dir) as top:
         with _sds(out_dir, top, create=True) as sds:
             _write_certificate(sds, svid, files)
@@ -115,6 +147,65 @@ def write_bootstrap(
             shown=str(files.bootstrap),
         )  # fmt: skip
     return files
+
+
+def write_agent_bootstrap(
+    out_dir: Path,
+    *,
+    node: str,
+    identity: SpiffeId,
+    xds: Address,
+    server_identity: SpiffeId,
+    agent_socket: Path,
+    cluster: str | None = None,
+    admin: Address | None = None,
+    delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+    stats: Address | None = None,
+) -> Path:
+    """Write the bootstrap of the sidecar ``node`` of ``identity`` in a mesh whose node agents deliver the
+    certificates (see the module docstring): ``out_dir/envoy.json`` only; returns its path.
+
+    :param agent_socket: the node agent's SDS socket (absolute; at most :data:`MAX_SOCKET_PATH` bytes). It need
+        not exist yet: Envoy waits for the agent (the xDS cluster has no certificate until the agent answers).
+    The other parameters are :func:`write_bootstrap`'s.
+    """
+    admin = _loopback_admin(admin)
+    if stats is not None and admin.port == 0:
+        admin = Address(admin.host, free_port(admin.host))
+    document = agent_bootstrap(
+        node=node, cluster=cluster or node, identity=identity, xds=xds, server_identity=server_identity,
+        agent_socket=agent_socket, admin=admin, delta=delta, max_connections=max_connections,
+    )  # fmt: skip
+    if stats is not None:
+        add_stats_endpoint(document, stats, admin)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / BOOTSTRAP_FILE
+    with owned_dir(out_dir) as top:
+        text = json_format.MessageToJson(document, indent=2).encode()
+        write_private_at(top, BOOTSTRAP_FILE, text, 0o644, shown=str(path))
+    return path
+
+
+def check_agent_socket(path: Path) -> None:
+    """ValueError unless ``path`` can be a Unix socket's address for Envoy: absolute, at most
+    :data:`MAX_SOCKET_PATH` bytes, no NUL (Linux's abstract namespace is not used)."""
+    raw = os.fsencode(path)
+    if not path.is_absolute():
+        raise ValueError(f"the agent socket {str(path)!r} is not an absolute path")
+    if b"\0" in raw:
+        raise ValueError(f"the agent socket {str(path)!r} contains a NUL byte")
+    if len(raw) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the agent socket path is {len(raw)} bytes long; a Unix socket's is at most {MAX_SOCKET_PATH}"
+        )
+
+
+def _loopback_admin(admin: Address | None) -> Address:
+    admin = admin if admin is not None else Address("127.0.0.1", 0)
+    if admin.host not in ("127.0.0.1", "::1"):
+        raise ValueError(f"the Envoy admin must listen on loopback, not {admin.host}")
+    return admin
 
 
 def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
@@ -162,6 +253,41 @@ def bootstrap(
     max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
 ) -> bootstrap_pb2.Bootstrap:
     """The bootstrap document (see :func:`write_bootstrap`)."""
+    return _document(
+        node, cluster, admin, [_xds_cluster(files, xds, server_identity)], delta=delta, max_connections=max_connections
+    )
+
+
+def agent_bootstrap(
+    *,
+    node: str,
+    cluster: str,
+    identity: SpiffeId,
+    xds: Address,
+    server_identity: SpiffeId,
+    agent_socket: Path,
+    admin: Address,
+    delta: bool = False,
+    max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+) -> bootstrap_pb2.Bootstrap:
+    """The bootstrap document of a sidecar whose node agent delivers its certificates (see
+    :func:`write_agent_bootstrap`)."""
+    check_agent_socket(agent_socket)
+    certificate = secret_pb2.SdsSecretConfig(name=tls_secret_name(identity), sds_config=agent_sds())
+    bundle = secret_pb2.SdsSecretConfig(name=bundle_secret_name(identity.trust_domain), sds_config=agent_sds())
+    static = [_xds_cluster_over(xds, server_identity, certificate, bundle), _agent_cluster(agent_socket)]
+    return _document(node, cluster, admin, static, delta=delta, max_connections=max_connections)
+
+
+def _document(
+    node: str,
+    cluster: str,
+    admin: Address,
+    static_clusters: list[cluster_pb2.Cluster],
+    *,
+    delta: bool,
+    max_connections: int,
+) -> bootstrap_pb2.Bootstrap:
     api = config_source_pb2.ApiConfigSource
     ads_source = api(
         api_type=api.DELTA_GRPC if delta else api.GRPC,
@@ -190,7 +316,7 @@ def bootstrap(
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
             ads_config=ads_source, cds_config=from_ads, lds_config=from_ads
         ),
-        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[_xds_cluster(files, xds, server_identity)]),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=static_clusters),
         overload_manager=overload_pb2.OverloadManager(
             resource_monitors=[
                 overload_pb2.ResourceMonitor(
@@ -217,16 +343,30 @@ def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId)
     bundle_source = config_source_pb2.ConfigSource()
     bundle_source.CopyFrom(watched)
     bundle_source.path_config_source.path = str(files.bundle)
+    return _xds_cluster_over(
+        xds,
+        server_identity,
+        secret_pb2.SdsSecretConfig(name=CERT_SECRET_NAME, sds_config=watched),
+        secret_pb2.SdsSecretConfig(name=BUNDLE_SECRET_NAME, sds_config=bundle_source),
+    )
+
+
+def _xds_cluster_over(
+    xds: Address,
+    server_identity: SpiffeId,
+    certificate: secret_pb2.SdsSecretConfig,
+    bundle: secret_pb2.SdsSecretConfig,
+) -> cluster_pb2.Cluster:
+    """The cluster of the xDS server: mTLS presenting the secret ``certificate``, accepting a server certificate
+    of ``server_identity`` that chains to the secret ``bundle``; HTTP/2 with keepalives."""
     tls_context = tls_pb2.UpstreamTlsContext(
         common_tls_context=tls_pb2.CommonTlsContext(
-            tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=CERT_SECRET_NAME, sds_config=watched)],
+            tls_certificate_sds_secret_configs=[certificate],
             combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=common_pb2.CertificateValidationContext(
                     match_typed_subject_alt_names=[uri_san_matcher(exact=str(server_identity))]
                 ),
-                validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
-                    name=BUNDLE_SECRET_NAME, sds_config=bundle_source
-                ),
+                validation_context_sds_secret_config=bundle,
             ),
             alpn_protocols=["h2"],
         )
@@ -246,6 +386,32 @@ def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId)
         connect_timeout=clusters.CONNECT_TIMEOUT,
         load_assignment=clusters.load_assignment(XDS_CLUSTER, [xds]),
         transport_socket=base_pb2.TransportSocket(name=TRANSPORT_SOCKET, typed_config=pack(tls_context)),
+    )
+    cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
+    return cluster
+
+
+def _agent_cluster(socket: Path) -> cluster_pb2.Cluster:
+    """The node agent: one endpoint, its SDS socket (a ``pipe`` address), gRPC over plaintext HTTP/2 (the agent
+    tells its callers apart by the socket's peer credentials, not by a certificate)."""
+    endpoint = endpoint_components_pb2.Endpoint(address=address_pb2.Address(pipe=address_pb2.Pipe(path=str(socket))))
+    cluster = cluster_pb2.Cluster(
+        name=AGENT_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=clusters.CONNECT_TIMEOUT,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=AGENT_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[endpoint_components_pb2.LbEndpoint(endpoint=endpoint)]
+                )
+            ],
+        ),
+    )
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
     )
     cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
     return cluster

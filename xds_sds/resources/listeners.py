@@ -2,13 +2,15 @@
 
 Inbound HTTP sets ``x-forwarded-client-cert`` from the verified client certificate (its URI SAN), replacing
 any such header the client sent, so the app learns its caller's SPIFFE ID. Extra filters (RBAC, for access
-control) slot in before the router (HTTP) or before the proxy filter (TCP).
+control) slot in before the router (HTTP) or before the proxy filter (TCP). :func:`observe` gives a built
+filter its labelled stat prefix and access logs (see :mod:`xds_sds.resources.stats`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -79,3 +81,26 @@ def listener(
     if transport_socket is not None:
         chain.transport_socket.CopyFrom(transport_socket)
     return listener_pb2.Listener(name=name, address=socket_address(address), filter_chains=[chain])
+
+
+def observe(
+    item: listener_components_pb2.Filter,
+    *,
+    stat_prefix: str | None = None,
+    access_log: Sequence[accesslog_pb2.AccessLog] = (),
+) -> None:
+    """Set the stat prefix (when given) and add access logs to an HTTP connection manager or ``tcp_proxy``
+    filter, in place; other filters (RBAC) are left as they are."""
+    config: hcm_pb2.HttpConnectionManager | tcp_proxy_pb2.TcpProxy
+    if item.name == HCM:
+        config = Hcm()
+    elif item.name == TCP_PROXY:
+        config = tcp_proxy_pb2.TcpProxy()
+    else:
+        return
+    if not item.typed_config.Unpack(config):
+        raise ValueError(f"the {item.name} filter holds a {item.typed_config.type_url}")
+    if stat_prefix is not None:
+        config.stat_prefix = stat_prefix
+    config.access_log.extend(access_log)
+    item.typed_config.CopyFrom(pack(config))

@@ -11,7 +11,9 @@ For the sidecar of ``service`` (node ``instance.node``):
   only B's SPIFFE ID: B is U itself, or, when a TrafficSplit has U as its root, each of the split's backends,
   chosen by weight per request (HTTP weighted clusters on the route ``outbound|U``) or per connection (TCP);
 * secrets (built separately, they change on their own clock): the SVID of the service's identity and the
-  trust bundle.
+  trust bundle. With ``secrets=SecretSource.AGENT`` (the mesh's ``xds.secrets: agent``) the TLS contexts fetch
+  the SVID from the node agent instead (see :mod:`xds_sds.resources.tls`) and :func:`secret_resources` holds
+  the trust bundle alone: no private key is in anything built here.
 
 A sidecar's config is a function of its :class:`ProxyView` alone, which :func:`proxy_view` gathers from the
 mesh: the xDS server rebuilds only the sidecars whose view changed.
@@ -25,13 +27,14 @@ from datetime import timedelta
 
 from google.protobuf.message import Message
 
+from mesh_identity.config import SecretSource
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service
 from mesh_identity.mesh.policy import TOTAL_WEIGHT, TrafficTarget
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid
 from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
 from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from xds_sds.resources import clusters, listeners, names, rbac, routes, tls
+from xds_sds.resources import clusters, listeners, names, rbac, routes, stats, tls
 from xds_sds.resources.secrets import tls_certificate_secret, validation_context_secret
 
 Resources = dict[str, dict[str, Message]]
@@ -95,19 +98,31 @@ def proxy_views(mesh: Mesh) -> dict[str, ProxyView]:
     return {i.node: proxy_view(mesh, s, i) for s in mesh.services.values() for i in s.instances}
 
 
-def proxy_resources(mesh: Mesh, node: str, *, max_connection_age: timedelta | None = None) -> Resources:
+def proxy_resources(
+    mesh: Mesh,
+    node: str,
+    *,
+    max_connection_age: timedelta | None = None,
+    secrets: SecretSource = SecretSource.CONTROL_PLANE,
+) -> Resources:
     """Listeners, routes, clusters and endpoints of one sidecar (no secrets).
 
-    ``max_connection_age`` bounds the reuse of upstream HTTP connections (see :func:`clusters.upstream`).
+    ``max_connection_age`` bounds the reuse of upstream HTTP connections (see :func:`clusters.upstream`);
+    ``secrets``: where the sidecar fetches its certificate.
     """
     found = mesh.instance(node)
     if found is None:
         raise KeyError(f"node {node!r} is not a sidecar of the mesh")
     view = proxy_view(mesh, *found)
-    return build_proxy(view, max_connection_age=max_connection_age)
+    return build_proxy(view, max_connection_age=max_connection_age, secrets=secrets)
 
 
-def build_proxy(view: ProxyView, *, max_connection_age: timedelta | None = None) -> Resources:
+def build_proxy(
+    view: ProxyView,
+    *,
+    max_connection_age: timedelta | None = None,
+    secrets: SecretSource = SecretSource.CONTROL_PLANE,
+) -> Resources:
     """The resources of the sidecar described by ``view`` (see the module docstring)."""
     out: Resources = {LISTENER: {}, ROUTE: {}, CLUSTER: {}, ENDPOINT: {}}
     instance, trust_domain = view.instance, view.identity.trust_domain
@@ -119,7 +134,8 @@ def build_proxy(view: ProxyView, *, max_connection_age: timedelta | None = None)
         out[ROUTE][inbound] = routes.to_cluster(inbound, app, {rbac.HTTP_RBAC: policy})
     else:
         front = [rbac.network_filter(inbound, view.access, trust_domain, instance), listeners.tcp_proxy(inbound, app)]
-    out[LISTENER][inbound] = listeners.listener(inbound, instance.inbound, front, tls.downstream(view.identity))
+    downstream = tls.downstream(view.identity, secrets=secrets)
+    out[LISTENER][inbound] = listeners.listener(inbound, instance.inbound, front, downstream)
 
     for upstream in view.upstreams:
         http = upstream.protocol is Protocol.HTTP
@@ -127,8 +143,9 @@ def build_proxy(view: ProxyView, *, max_connection_age: timedelta | None = None)
         for backend in upstream.backends:
             cluster = names.outbound(backend.service)
             out[CLUSTER][cluster] = clusters.upstream(
-                cluster, view.identity, backend.identity, http=http, max_connection_age=max_connection_age
-            )
+                cluster, view.identity, backend.identity, http=http, max_connection_age=max_connection_age,
+                secrets=secrets,
+            )  # fmt: skip
             out[ENDPOINT][cluster] = clusters.load_assignment(cluster, backend.endpoints)
         weights = [(names.outbound(b.service), b.weight) for b in upstream.backends if b.weight > 0]
         if http:
@@ -142,13 +159,17 @@ def build_proxy(view: ProxyView, *, max_connection_age: timedelta | None = None)
         else:
             front = [listeners.tcp_proxy_weighted(name, weights)]
         out[LISTENER][name] = listeners.listener(name, upstream.listen, front)
+    stats.instrument(view, out)  # labelled stat prefixes and access logs, where the instance asks for them
     return out
 
 
-def secret_resources(svid: X509Svid | None, bundle: TrustBundle) -> dict[str, Message]:
-    """The secrets of a sidecar: its SVID (once issued) and its trust bundle."""
+def secret_resources(
+    svid: X509Svid | None, bundle: TrustBundle, secrets: SecretSource = SecretSource.CONTROL_PLANE
+) -> dict[str, Message]:
+    """The secrets of a sidecar from the control plane: its SVID (once issued) and its trust bundle; with
+    ``SecretSource.AGENT`` the trust bundle alone (its SVID and key come from the node agent)."""
     out: dict[str, Message] = {bundle_secret_name(bundle.trust_domain): validation_context_secret(bundle)}
-    if svid is not None:
+    if svid is not None and secrets is SecretSource.CONTROL_PLANE:
         out[tls_secret_name(svid.spiffe_id)] = tls_certificate_secret(svid)
     return out
 
