@@ -17,7 +17,9 @@ fake of an operator registers its kinds, see :meth:`KubeServer.register`):
 * label and field selectors, ``limit``/``continue`` (:mod:`~tests.fakes.kube.selectors`);
 * ``watch=true`` streams with bookmarks, resumable from any retained ``resourceVersion``, 410 ``Expired`` for
   older ones (:mod:`~tests.fakes.kube.watch`);
-* discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/<group>``, ``/apis/<group>/<version>``.
+* discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/<group>``, ``/apis/<group>/<version>``;
+* TokenReview (``POST /apis/authentication.k8s.io/v1/tokenreviews``) of service-account tokens a test registers
+  with :meth:`KubeServer.token_reviews` (:mod:`~tests.fakes.kube.tokenreview`).
 
 The served kinds are :class:`Kind` values (:mod:`~tests.fakes.kube.kinds`); :data:`DEFAULT_KINDS` are Secret,
 ConfigMap and Namespace. Another fake adds its custom resources with :func:`custom_resource` and
@@ -47,6 +49,7 @@ from tests.fakes.kube.server import (
     kube_api_client,
     kube_server,
 )
+from tests.fakes.kube.tokenreview import ServiceAccountToken, TokenReviews
 
 __all__ = [
     "CONFIG_MAP",
@@ -62,6 +65,8 @@ __all__ = [
     "KubeServer",
     "RequestRecord",
     "Rule",
+    "ServiceAccountToken",
+    "TokenReviews",
     "custom_resource",
     "kube_api_client",
     "kube_server",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.fakes.kube import watch
+from tests.fakes.kube import tokenreview, watch
 from tests.fakes.kube.errors import ApiError, JsonObj, bad_request, details, method_not_allowed
 from tests.fakes.kube.kinds import ALL_VERBS, Kind
 from tests.fakes.kube.patches import json_patch, merge_patch
@@ -311,6 +311,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             user = owner.authenticate(self.headers.get("Authorization", ""))
             record["user"] = user
             path = unquote(url.path).rstrip("/") or "/"
+            if path == tokenreview.PATH:
+                self._review(record, method, user, body)
+                return
             document = discovery(owner.kinds, owner.port, path)
             if document is not None:
                 record["verb"], record["resource"] = "get", path
@@ -335,6 +338,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.record(record)
+
+    def _review(self, record: dict[str, Any], method: str, user: str, body: Any) -> None:
+        """A TokenReview (create only, never stored): see :mod:`~tests.fakes.kube.tokenreview`."""
+        record.update(verb="create", resource=tokenreview.TOKEN_REVIEW.plural)
+        if method != "POST":
+            raise method_not_allowed()
+        route = Route(tokenreview.TOKEN_REVIEW, None, None, None)
+        self.server.owner.authorize(user, "create", route)
+        self._answer(record, 201, self.server.owner.token_reviews.review(body))
 
     def _answer(self, record: dict[str, Any], code: int, body: JsonObj) -> None:
         """Record the request, then answer it (so a client that got its answer finds the record)."""

@@ -32,6 +32,7 @@ from tests.fakes.kube.kinds import DEFAULT_KINDS, Kind
 from tests.fakes.kube.routing import Handler, Route
 from tests.fakes.kube.selectors import labels_of, parse_label_selector
 from tests.fakes.kube.store import Store, meta
+from tests.fakes.kube.tokenreview import TokenReviews
 from tests.fakes.kube.watch import Watcher
 from tests.pki import TestCa, key_pem
 
@@ -149,6 +150,7 @@ class KubeServer:
         self.rules: list[Rule] = []
         self.injected: list[InjectedError] = []
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_limit)
+        self.token_reviews = TokenReviews()  # POST /apis/authentication.k8s.io/v1/tokenreviews
         self.down = False
         self._lock = threading.Lock()
         self._watching: list[Watcher] = []  # the open streams, in the order they opened
@@ -190,6 +192,7 @@ class KubeServer:
 
     def stop(self) -> None:
         """Stop serving: the port closes, open connections and watches are cut."""
+        self.token_reviews.release()
         if self._thread is not None:
             self._http.shutdown()
             self._thread.join()

@@ -1,0 +1,295 @@
+"""From Kubernetes objects to the mesh model: :func:`translate`, a pure function of a :class:`Snapshot`.
+
+How the objects map onto :class:`~mesh_identity.mesh.model.Mesh` (the model describes each service's sidecars by
+addresses; in Kubernetes every pod has its own IP):
+
+================================  ==============================================================================
+Kubernetes                        mesh model
+================================  ==============================================================================
+Namespace labelled                in the mesh; every other namespace's objects are ignored (a label removed:
+``mesh-identity.io/monitored-by:  its workloads leave the mesh)
+<mesh name>``
+ServiceAccount ``ns/sa``          the identity ``spiffe://<td>/ns/<ns>/sa/<sa>`` (issued while it has sidecars)
+Pod, running (phase Running, an   a sidecar (:class:`~mesh_identity.mesh.model.Instance`) of each Service it is a
+IP, not being deleted, not on     ready endpoint of: node id ``<pod>.<namespace>``, ``host`` its
+the host's network), of a         ``spec.nodeName``, ``app`` ``<pod IP>:<target port>`` (the port its
+ServiceAccount that exists        EndpointSlice lists for the Service's first port), ``inbound``
+                                  ``<pod IP>:15003`` (:data:`INBOUND_PORT`, the sidecar's mTLS port: the
+                                  service's endpoint in the mesh). A pod of a ServiceAccount that does not exist
+                                  gets no identity (refused: an Event on it)
+Service ``ns/name`` (its first    the mesh service ``<name>.<ns>`` with its pods' identity; ``protocol`` tcp when
+port, TCP) and its EndpointSlices the port's ``appProtocol`` is ``tcp`` or its name is ``tcp`` or ``tcp-*``, else
+(``discovery.k8s.io/v1``)         http. Without a ready pod it is not in the mesh, unless it is the root of a
+                                  TrafficSplit (then it has no instances: its callers reach the backends). A pod
+                                  serves one mesh service: the first by namespace and name that lists it
+SMI objects (TrafficTarget,       the policy, parsed and checked as the mesh file's (:mod:`.smi`); a TrafficSplit
+HTTPRouteGroup, TCPRoute,         names Services of its namespace
+TrafficSplit)
+================================  ==============================================================================
+
+Upstreams are not published: the model gives a service's upstream listener one address for all its sidecars,
+and refuses upstreams on a service with several, which every scaled Kubernetes workload is (see the report of
+issue 13). Refused objects (a Service whose pods run as several ServiceAccounts, a UDP port, a target port
+that is the sidecar's inbound port; a pod of an unknown ServiceAccount; SMI objects, see :mod:`.smi`) are
+:class:`~mesh_identity.registry.kube.objects.Refusal` values the registry logs and writes Events for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from mesh_identity.errors import InvalidSpiffeIdError
+from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service
+from mesh_identity.mesh.policy import Policy
+from mesh_identity.mesh.smi import parse_policy
+from mesh_identity.registry.base import validate_workloads
+from mesh_identity.registry.kube.objects import JsonObj, ObjectRef, Refusal, field, items, labels, text
+from mesh_identity.registry.kube.resources import (
+    ENDPOINT_SLICES,
+    MONITORED_BY,
+    NAMESPACES,
+    PODS,
+    SERVICE_ACCOUNTS,
+    SERVICE_NAME,
+    SERVICES,
+    SMI,
+    Resource,
+)
+from mesh_identity.registry.kube.smi import DocKey, closed_target, mesh_service_name, parser_document, settle
+from mesh_identity.spiffe import SpiffeId, TrustDomain
+
+INBOUND_PORT = 15003  # the sidecar's mTLS port on the pod's IP (OSM's inbound listener port)
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The objects of every watched kind at one moment, by (namespace, name)."""
+
+    objects: Mapping[Resource, Mapping[Key, JsonObj]]
+
+    def of(self, resource: Resource) -> Mapping[Key, JsonObj]:
+        return self.objects.get(resource, {})
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    mesh: Mesh
+    accepted: Mapping[DocKey, JsonObj]  # the SMI objects in the policy: the last good versions next time
+    refusals: tuple[Refusal, ...]
+    notes: tuple[str, ...]  # what else was left out, for the log (no Event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pod:
+    namespace: str
+    name: str
+    ip: str
+    service_account: str
+    node: str | None
+
+
+def monitored_namespaces(snapshot: Snapshot, mesh_name: str) -> frozenset[str]:
+    return frozenset(
+        name for (_, name), obj in snapshot.of(NAMESPACES).items() if labels(obj).get(MONITORED_BY) == mesh_name
+    )
+
+
+def _running_pods(
+    snapshot: Snapshot, monitored: frozenset[str], refusals: list[Refusal], notes: list[str]
+) -> dict[Key, _Pod]:
+    accounts = {key for key in snapshot.of(SERVICE_ACCOUNTS) if key[0] in monitored}
+    pods: dict[Key, _Pod] = {}
+    for (namespace, name), obj in sorted(snapshot.of(PODS).items()):
+        if namespace not in monitored or text(obj, "status", "phase") != "Running":
+            continue
+        ip = text(obj, "status", "podIP")
+        if not ip or field(obj, "metadata", "deletionTimestamp"):
+            continue
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            notes.append(f"Pod {namespace}/{name}: status.podIP {ip!r} is not an IP address; left out")
+            continue
+        if field(obj, "spec", "hostNetwork") is True:
+            notes.append(f"Pod {namespace}/{name} uses the node's network namespace: it has no sidecar of the mesh")
+            continue
+        account = text(obj, "spec", "serviceAccountName", default="default")
+        if (namespace, account) not in accounts:
+            refusals.append(
+                Refusal(
+                    ObjectRef.of(PODS, obj),
+                    "UnknownServiceAccount",
+                    f"Pod {namespace}/{name} runs as service account {account!r}, which does not exist in namespace "
+                    f"{namespace}: it gets no identity and no sidecar config",
+                )
+            )
+            continue
+        pods[(namespace, name)] = _Pod(namespace, name, ip, account, text(obj, "spec", "nodeName") or None)
+    return pods
+
+
+def _protocol(port: JsonObj) -> Protocol:
+    name = text(port, "name").lower()
+    if text(port, "appProtocol").lower() == "tcp" or name == "tcp" or name.startswith("tcp-"):
+        return Protocol.TCP
+    return Protocol.HTTP
+
+
+def _endpoints(slices: Sequence[JsonObj], port_name: str) -> list[tuple[str, str, int]]:
+    """``(pod name, address, target port)`` of the ready pod endpoints of a Service's port."""
+    found = []
+    for obj in slices:
+        if text(obj, "addressType") not in ("IPv4", "IPv6"):
+            continue
+        number = next(
+            (p.get("port") for p in items(obj, "ports") if isinstance(p, dict) and text(p, "name") == port_name), None
+        )
+        if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
+            continue
+        for endpoint in items(obj, "endpoints"):
+            if field(endpoint, "conditions", "ready") is False or field(endpoint, "conditions", "terminating") is True:
+                continue
+            addresses = items(endpoint, "addresses")
+            if text(endpoint, "targetRef", "kind") == "Pod" and addresses and isinstance(addresses[0], str):
+                found.append((text(endpoint, "targetRef", "name"), addresses[0], number))
+    return found
+
+
+def build_services(
+    snapshot: Snapshot, monitored: frozenset[str], trust_domain: TrustDomain, roots: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, Service], list[Refusal], list[str]]:
+    """The mesh services of the Services and pods of ``snapshot``; ``roots`` maps the root of each TrafficSplit
+    (a mesh service name) to its backends."""
+    refusals: list[Refusal] = []
+    notes: list[str] = []
+    pods = _running_pods(snapshot, monitored, refusals, notes)
+    slices: dict[Key, list[JsonObj]] = {}
+    for (namespace, _), obj in sorted(snapshot.of(ENDPOINT_SLICES).items()):
+        owner = labels(obj).get(SERVICE_NAME)
+        if namespace in monitored and owner:
+            slices.setdefault((namespace, owner), []).append(obj)
+    services: dict[str, Service] = {}
+    root_ports: dict[str, Protocol] = {}
+    owner_of: dict[Key, str] = {}
+    for (namespace, name), obj in sorted(snapshot.of(SERVICES).items()):
+        if namespace not in monitored or text(obj, "spec", "type") == "ExternalName":
+            continue
+        ports = [p for p in items(obj, "spec", "ports") if isinstance(p, dict)]
+        if not ports:
+            continue
+        port, mesh_name = ports[0], mesh_service_name(name, namespace)
+        ref = ObjectRef.of(SERVICES, obj)
+        protocol = text(port, "protocol", default="TCP")
+        if protocol != "TCP":
+            refusals.append(
+                Refusal(
+                    ref,
+                    "UnsupportedService",
+                    f"Service {namespace}/{name}: spec.ports[0] is {protocol}; the mesh carries TCP only: it is "
+                    "left out",
+                )
+            )
+            continue
+        if mesh_name in roots:
+            root_ports[mesh_name] = _protocol(port)
+            continue
+        members: list[tuple[_Pod, str, int]] = []
+        for pod_name, address, number in _endpoints(slices.get((namespace, name), []), text(port, "name")):
+            pod = pods.get((namespace, pod_name))
+            if pod is None:
+                continue
+            if (namespace, pod_name) in owner_of:
+                owner = owner_of[(namespace, pod_name)]
+                notes.append(
+                    f"Service {namespace}/{name}: pod {pod_name} is already a sidecar of {owner} (a pod serves one "
+                    "mesh service); not one of this one's"
+                )
+                continue
+            members.append((pod, address, number))
+        if not members:
+            continue
+        accounts = sorted({pod.service_account for pod, _, _ in members})
+        if len(accounts) > 1:
+            refusals.append(
+                Refusal(
+                    ref,
+                    "SeveralServiceAccounts",
+                    f"Service {namespace}/{name} selects pods of the service accounts {', '.join(accounts)}; a mesh "
+                    "service has one identity: it is left out",
+                )
+            )
+            continue
+        if any(number == INBOUND_PORT for _, _, number in members):
+            refusals.append(
+                Refusal(
+                    ref,
+                    "PortConflict",
+                    f"Service {namespace}/{name} targets port {INBOUND_PORT}, the sidecar's inbound port: it is "
+                    "left out",
+                )
+            )
+            continue
+        try:
+            identity = SpiffeId.for_kubernetes(trust_domain, namespace, accounts[0])
+        except InvalidSpiffeIdError as err:
+            notes.append(f"Service {namespace}/{name}: {err}; left out")
+            continue
+        instances = []
+        for pod, address, number in members:
+            owner_of[(namespace, pod.name)] = f"Service {namespace}/{name}"
+            node = f"{pod.name}.{namespace}"
+            instances.append(Instance(node, Address(address, number), Address(address, INBOUND_PORT), pod.node))
+        services[mesh_name] = Service(mesh_name, identity, _protocol(port), tuple(instances))
+    for mesh_name, protocol in root_ports.items():
+        backend = next((services[b] for b in roots[mesh_name] if b in services), None)
+        if backend is not None:  # a root has no sidecar of its own; it needs an identity the mesh already has
+            services[mesh_name] = Service(mesh_name, backend.identity, protocol, ())
+    return services, refusals, notes
+
+
+def translate(
+    snapshot: Snapshot, mesh_name: str, trust_domain: TrustDomain, previous: Mapping[DocKey, JsonObj]
+) -> Translation:
+    """The mesh of ``snapshot``, validated as a registry publishes it (see the module docstring); ``previous``
+    holds the SMI objects of the last accepted policy. ConfigError (the caller keeps its last good mesh) only
+    when the mesh fails for a reason that is no SMI object's."""
+    monitored = monitored_namespaces(snapshot, mesh_name)
+    candidates: dict[DocKey, JsonObj] = {}
+    for resource in SMI:
+        for (namespace, name), obj in snapshot.of(resource).items():
+            if namespace in monitored:
+                candidates[(resource.kind, namespace, name)] = obj
+    found: dict[str, tuple[list[Refusal], list[str]]] = {}
+
+    def build(documents: Sequence[JsonObj], closed: Mapping[DocKey, SpiffeId | None]) -> Mesh:
+        parsed = parse_policy(False, [parser_document(d, text(d, "kind")) for d in documents], trust_domain)
+        roots = {split.service: tuple(b.service for b in split.backends) for split in parsed.splits}
+        services, refusals, notes = build_services(snapshot, monitored, trust_domain, roots)
+        placeholders = []
+        for key, identity in sorted(closed.items()):
+            target = closed_target(key, identity, services) if identity is not None else None
+            if target is not None:
+                placeholders.append(target)
+        policy = Policy(
+            False, parsed.targets + tuple(placeholders), parsed.splits, parsed.route_groups, parsed.tcp_routes
+        )
+        mesh = Mesh(trust_domain, MappingProxyType(services), policy)
+        validate_workloads(mesh, trust_domain)
+        found["last"] = (refusals, notes)
+        return mesh
+
+    settled = settle(_with_kinds(candidates), previous, build, trust_domain)
+    refusals, notes = found["last"]
+    return Translation(settled.mesh, settled.accepted, (*refusals, *settled.refusals), tuple(notes))
+
+
+def _with_kinds(candidates: Mapping[DocKey, JsonObj]) -> dict[DocKey, JsonObj]:
+    """The candidates, each with its ``kind`` (list items of some servers lack it)."""
+    out = {}
+    for key, obj in candidates.items():
+        out[key] = obj if obj.get("kind") == key[0] else {**obj, "kind": key[0]}
+    return out
