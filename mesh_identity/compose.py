@@ -7,6 +7,7 @@
                   │            └──► rotation engine + metrics + root rotation ─► Service (Stage.SERVER)
                   │                         ▲ membership
     workload registry (mesh file | …) ──────┴──────────────► xDS component (a Service component)
+                                                     └──────► signing API (a Service component, with ``signing``)
 
 :func:`build` takes the stage a command needs: ``init``, ``doctor`` and the offline ``ca status`` stop at the
 provider, ``issue`` and ``bootstrap`` at a started Authority, ``serve`` and the demo build the whole server.
@@ -23,16 +24,22 @@ from types import TracebackType
 from mesh_identity.assembly import build_authority, build_provider, build_service
 from mesh_identity.authority import Authority
 from mesh_identity.clock import Clock, utcnow
-from mesh_identity.config import Config, ListenConfig
+from mesh_identity.config import Config, ListenConfig, SecretSource
+from mesh_identity.jwtkeys import JwtAuthority
 from mesh_identity.mesh.model import Address, Mesh
 from mesh_identity.provider import CAProvider, ProviderSpec
 from mesh_identity.registry.base import StaticRegistry, WorkloadRegistry
+from mesh_identity.registry.kube import KubernetesRegistry
 from mesh_identity.registry.meshfile import MeshFileRegistry
 from mesh_identity.server.service import Service
 from plugins.manager import Plugins
 from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity, xds_connection_age
+from xds_sds.mesh.prober import SidecarProber, probe_interval, reload_grace
 from xds_sds.mesh.sidecars import SidecarDirs
+from xds_sds.mesh.targets import ScrapeTargets
 from xds_sds.protocol.metrics import XdsMetrics
+from xds_sds.signing.component import SigningComponent, bundle_refresh_hint, signing_connection_age
+from xds_sds.signing.metrics import SigningMetrics
 
 DEFAULT_XDS_LISTEN = ListenConfig("127.0.0.1", 0)
 
@@ -58,6 +65,8 @@ class System:
     authority: Authority | None = None
     service: Service | None = None
     xds: XdsComponent | None = None
+    prober: SidecarProber | None = None
+    signing: SigningComponent | None = None
 
     def close(self) -> None:
         """Release the provider (a started service releases it when it stops)."""
@@ -79,11 +88,14 @@ def provider_specs(*, debug: bool = False) -> list[ProviderSpec]:
 
 
 def registry_for(config: Config) -> WorkloadRegistry | None:
-    """The registry a config describes: its mesh file; an empty set when only ``xds.listen`` is set; else None.
-    A mesh file that does not validate raises ConfigError naming the file or the key path."""
+    """The registry a config describes: its mesh file, or the Kubernetes API (``registry``); an empty set when
+    only ``xds.listen`` is set; else None. A mesh file that does not validate, or a kubeconfig that cannot be
+    used, raises ConfigError naming the file or the key path."""
     if config.mesh_file is not None:
         return MeshFileRegistry(config.mesh_file, config.trust_domain)
-    if config.xds_listen is not None:
+    if config.registry is not None:
+        return KubernetesRegistry(config.registry, config.trust_domain)
+    if config.xds_listen is not None or config.signing is not None:
         return StaticRegistry(Mesh(config.trust_domain))
     return None
 
@@ -129,25 +141,70 @@ def build(
     system.service, system.authority = service, service.authority
     if registry is not None:
         system.xds = attach_xds(service, registry)
+        system.prober = attach_observability(service, registry)
+        if config.signing is not None:
+            system.signing = attach_signing(service, registry)
     return system
 
 
 def attach_xds(service: Service, registry: WorkloadRegistry) -> XdsComponent:
     """The xDS component of ``service``: fed by ``registry`` and the service's engine, reporting to its event
-    sinks (plugins and metrics) and its metrics registry, the root rotation's ack source."""
+    sinks (plugins and metrics) and its metrics registry, the root rotation's ack source. With ``xds.secrets:
+    agent`` it sends no certificate and renews no bootstrap directory (the node agents deliver both)."""
     config = service.config
     listen = config.xds_listen or DEFAULT_XDS_LISTEN
     component = XdsComponent(
         service.engine,
         registry,
         address=Address(listen.host, listen.port),
-        sidecars=SidecarDirs(config.state_dir),
+        sidecars=SidecarDirs(config.state_dir) if config.xds_secrets is SecretSource.CONTROL_PLANE else None,
         audit=service.events,
         metrics=XdsMetrics(service.metrics.registry),
         max_connection_age=connection_age(config.ca.workload_ttl, config.ca.rotate_after),
         addr_file=config.state_dir / XDS_ADDR,
         xds_connection_age=xds_connection_age(config.ca.workload_ttl, config.ca.rotate_after),
+        secrets=config.xds_secrets,
     )
     service.add_component(component)
     service.set_ack_source(component)
     return component
+
+
+def attach_signing(service: Service, registry: WorkloadRegistry) -> SigningComponent:
+    """The signing API of ``service`` (``config.signing``): its Authority and engine, ``registry`` for who may
+    have what, the trust domain's JWT keys (``<state_dir>/jwt``), auditing to the service's event sinks."""
+    config = service.config
+    assert config.signing is not None
+    component = SigningComponent(
+        service.engine,
+        registry,
+        JwtAuthority(config.trust_domain, config.state_dir, settings=config.jwt, clock=service.clock),
+        settings=config.signing,
+        state_dir=config.state_dir,
+        workload_ttl=config.ca.workload_ttl,
+        events=service.events,
+        metrics=SigningMetrics(service.metrics.registry),
+        max_connection_age=signing_connection_age(config.ca.workload_ttl, config.ca.rotate_after),
+        refresh_hint=bundle_refresh_hint(config.jwt),
+        clock=service.clock,
+    )
+    service.add_component(component)
+    return component
+
+
+def attach_observability(service: Service, registry: WorkloadRegistry) -> SidecarProber:
+    """The sidecars seen from outside: the Prometheus file SD of their stats endpoints
+    (``<state_dir>/prometheus/sidecars.json``) and the prober of the certificates they serve, whose metrics go
+    to the service's registry (see :mod:`xds_sds.mesh.prober`, :mod:`xds_sds.mesh.targets`)."""
+    ca = service.config.ca
+    service.add_component(ScrapeTargets(registry, service.config.state_dir))
+    prober = SidecarProber(
+        service.engine,
+        registry,
+        interval=probe_interval(ca.workload_ttl, ca.rotate_after),
+        grace=reload_grace(ca.workload_ttl, ca.rotate_after),
+        metrics=service.metrics.registry,
+        clock=service.clock,
+    )
+    service.add_component(prober)
+    return prober

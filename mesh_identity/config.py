@@ -108,6 +108,7 @@ class Config:
     xds_secrets: SecretSource = SecretSource.CONTROL_PLANE
     signing: SigningConfig | None = None
     jwt: JwtConfig = field(default_factory=JwtConfig)
+    registry: RegistryConfig | None = None  # another source of workloads than mesh_file: the Kubernetes API
 
 
 # -- field parsers: each takes the value and its key path, returns the parsed value or raises ConfigError ----
@@ -177,6 +178,7 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
 }
 _TOP_FIELDS = (
     "trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities", "signing", "jwt",
+    "registry",
 )  # fmt: skip
 _SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("listen", "ack_timeout", "secrets")}
 _SIGNING_FIELDS = ("listen", "attest_listen", "kubernetes", "max_csr_bytes")
@@ -273,6 +275,46 @@ def _reject_unknown(section: Mapping[str, Any], known: tuple[str, ...] | Mapping
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """Where the workloads come from when not from a mesh file (``registry``): the Kubernetes API."""
+
+    mesh_name: str  # the namespaces labelled mesh-identity.io/monitored-by: <mesh_name> are the mesh's
+    kubeconfig: Path | None = None  # None: the in-cluster service-account config
+    timeout: timedelta = timedelta(seconds=10)  # one API request (a watch stream: beyond its own duration)
+    kind: str = "kubernetes"
+
+
+_REGISTRY_FIELDS = ("kind", "mesh_name", "kubeconfig", "in_cluster", "timeout")
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _registry(value: Any, base_dir: Path) -> RegistryConfig | None:
+    """The ``registry`` section: ``{kind: kubernetes, mesh_name: NAME, kubeconfig: FILE | in_cluster: true}``."""
+    if value is None:
+        return None
+    raw = _mapping(value, "registry")
+    _reject_unknown(raw, _REGISTRY_FIELDS, "registry.")
+    for key, hint in (("kind", "kubernetes"), ("mesh_name", "the value of the namespaces' monitored-by label")):
+        if key not in raw:
+            raise ConfigError(f"registry.{key}: required ({hint})")
+    if raw["kind"] != "kubernetes":
+        raise ConfigError(f"registry.kind: {shown(raw['kind'])} is not kubernetes (a mesh file is given as mesh_file)")
+    name = _string(raw["mesh_name"], "registry.mesh_name")
+    if len(name) > 63 or not set(name) <= _LABEL_CHARS or not (name[0].isalnum() and name[-1].isalnum()):
+        raise ConfigError(
+            f"registry.mesh_name: {shown(name)} is not a Kubernetes label value (letters, digits, '-', '_', '.'; "
+            "63 at most; a letter or digit at both ends)"
+        )
+    in_cluster = raw.get("in_cluster", "kubeconfig" not in raw)
+    if not isinstance(in_cluster, bool):
+        raise ConfigError(f"registry.in_cluster: {shown(in_cluster)} is not true or false")
+    if in_cluster == ("kubeconfig" in raw):
+        raise ConfigError("registry: give either kubeconfig: FILE or in_cluster: true (the pod's service account)")
+    kubeconfig = base_dir / _string(raw["kubeconfig"], "registry.kubeconfig") if "kubeconfig" in raw else None
+    return RegistryConfig(name, kubeconfig, _positive(raw.get("timeout", "10s"), "registry.timeout"))
+
+
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Config:
     """Validate a parsed YAML document. Relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
@@ -314,6 +356,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         choices = ", ".join(k.value for k in SecretSource)
         raise ConfigError(f"xds.secrets: {shown(secrets_text)} is not one of {choices}") from None
     signing = _signing(data.get("signing"), base_dir)
+    registry = _registry(data.get("registry"), base_dir)
+    if registry is not None and mesh_file is not None:
+        raise ConfigError("registry: give either mesh_file or registry, not both (each says where the workloads are)")
     if secrets is SecretSource.AGENT and signing is None:
         raise ConfigError("xds.secrets: agent needs the signing section (signing.listen, signing.attest_listen)")
     return Config(
@@ -331,6 +376,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         xds_secrets=secrets,
         signing=signing,
         jwt=_jwt(data.get("jwt")),
+        registry=registry,
     )
 
 

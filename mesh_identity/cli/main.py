@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mesh_identity.cli import bootstrap, certs, doctor, serve, status, trust
+from mesh_identity.cli import agent, bootstrap, certs, doctor, serve, status, token, top, trust
 from mesh_identity.demo import command as demo
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError, MeshIdentityError
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", metavar="FILE", help="config file (default: $MESH_IDENTITY_CONFIG)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (certs, serve, status, doctor, bootstrap, demo):
+    for module in (certs, serve, status, doctor, bootstrap, token, agent, top, demo):
         module.add_parsers(sub, common)
     ca = sub.add_parser("ca", help="the CA: status, root rotation and trusted roots")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")

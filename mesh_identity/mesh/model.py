@@ -12,6 +12,8 @@ Every service has one identity and one or more instances; every instance is one 
             app: 127.0.0.1:8081        # where the app listens (plaintext, loopback)
             inbound: 127.0.0.1:15081   # the sidecar's mTLS port: the service's endpoint in the mesh
             host: host-a               # optional: the host whose node agent may obtain this identity
+            stats: 127.0.0.1:15090     # optional: the sidecar's Prometheus endpoint (GET /stats/prometheus)
+            access_log: stdout         # optional: JSON access logs to stdout or an absolute file path
       frontend:
         identity: spiffe://example.org/ns/shop/sa/frontend
         instances:
@@ -76,6 +78,8 @@ class Instance:
     app: Address
     inbound: Address
     host: str | None = None  # the host (node agent) it runs on; only that host's agent may obtain its identity
+    stats: Address | None = None  # the sidecar's Prometheus endpoint (see xds_sds.resources.stats)
+    access_log: str | None = None  # JSON access logs: "stdout" or an absolute file path; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +190,7 @@ def _identity(value: Any, path: str, name: str, trust_domain: TrustDomain) -> Sp
 
 def _instance(value: Any, path: str) -> Instance:
     section = _mapping(value, path)
-    _keys(section, ("node", "app", "inbound", "host"), ("node", "app", "inbound"), path)
+    _keys(section, ("node", "app", "inbound", "host", "stats", "access_log"), ("node", "app", "inbound"), path)
     node = _string(section["node"], f"{path}.node")
     if not _NODE.match(node):
         raise ConfigError(f"{path}.node: {node!r} is not a node id (letters, digits, '.', '_', '-'; 128 at most)")
@@ -196,7 +200,16 @@ def _instance(value: Any, path: str) -> Instance:
         if not _NODE.match(host):
             raise ConfigError(f"{path}.host: {host!r} is not a host name (letters, digits, '.', '_', '-'; 128 at most)")
     app, inbound = _address(section["app"], f"{path}.app"), _address(section["inbound"], f"{path}.inbound")
-    return Instance(node, app, inbound, host)
+    stats = _address(section["stats"], f"{path}.stats") if "stats" in section else None
+    access_log = _access_log(section["access_log"], f"{path}.access_log") if "access_log" in section else None
+    return Instance(node, app, inbound, host, stats, access_log)
+
+
+def _access_log(value: Any, path: str) -> str:
+    text = _string(value, path)
+    if text != "stdout" and (not text.startswith("/") or "\0" in text or len(text) > 4096):
+        raise ConfigError(f"{path}: {shown(value)} is neither 'stdout' nor an absolute file path")
+    return text
 
 
 def _upstream(value: Any, path: str) -> Upstream:
@@ -239,7 +252,9 @@ def _check_references(mesh: Mesh) -> None:
             if instance.node in nodes:
                 raise ConfigError(f"{path}.node: {instance.node!r} is already the node of {nodes[instance.node]}")
             nodes[instance.node] = path
-            for key, address in (("app", instance.app), ("inbound", instance.inbound)):
+            for key, address in (("app", instance.app), ("inbound", instance.inbound), ("stats", instance.stats)):
+                if address is None:
+                    continue
                 if address in binds:
                     raise ConfigError(f"{path}.{key}: {address} is already used by {binds[address]}")
                 binds[address] = f"{path}.{key}"

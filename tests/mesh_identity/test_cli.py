@@ -166,3 +166,17 @@ def test_providers_lists_builtin_and_its_options(workdir: Path) -> None:
     assert out.startswith("builtin: ")
     assert "modes: intermediate, per-workload" in out
     assert "passphrase_file (path)" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["init"], ["issue"], ["inspect"], ["providers"], ["serve"], ["status"], ["doctor"], ["bootstrap"],
+     ["token"], ["token", "create"], ["token", "list"], ["agent"], ["top"], ["demo"], ["ca"]],
+)  # fmt: skip
+def test_every_help_text_renders(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from mesh_identity.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: mesh-identity")
