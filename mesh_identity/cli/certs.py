@@ -25,6 +25,7 @@ from mesh_identity.profile import is_ca
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, fingerprint_of, load_certs_pem, serial_of, spiffe_id_of, spiffe_ids_of
 from mesh_identity.verify import chain_problem
+from xds_sds.mesh.handshake import os_reason, tls_reason
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -205,12 +206,12 @@ def presented_chain(
             context.use_privatekey_file(key)
             context.check_privatekey()
         except SSL.Error as err:
-            raise ConfigError(f"--cert/--key: cannot use {cert} with {key}: {_tls_reason(err)}") from None
+            raise ConfigError(f"--cert/--key: cannot use {cert} with {key}: {tls_reason(err)}") from None
     where = f"{host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as err:
-        raise EndpointError(f"cannot connect to {where}: {_os_reason(err)}") from None
+        raise EndpointError(f"cannot connect to {where}: {os_reason(err)}") from None
     with sock:
         conn = SSL.Connection(context, sock)
         if server_name:
@@ -228,35 +229,14 @@ def presented_chain(
                 if remaining <= 0 or not any(ready):
                     raise EndpointError(f"TLS handshake with {where} failed: timed out after {timeout:g}s") from None
             except SSL.Error as err:
-                raise EndpointError(f"TLS handshake with {where} failed: {_tls_reason(err)}") from None
+                raise EndpointError(f"TLS handshake with {where} failed: {tls_reason(err)}") from None
             except OSError as err:
-                raise EndpointError(f"TLS handshake with {where} failed: {_os_reason(err)}") from None
+                raise EndpointError(f"TLS handshake with {where} failed: {os_reason(err)}") from None
         chain = conn.get_peer_cert_chain(as_cryptography=True) or []
         version = conn.get_protocol_version_name()
         with contextlib.suppress(SSL.Error, OSError):
             conn.shutdown()
     return list(chain), version
-
-
-def _os_reason(err: OSError) -> str:
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, TimeoutError | socket.timeout):
-        return "timed out"
-    if isinstance(err, socket.gaierror):
-        return f"name not resolved ({err.strerror})"
-    return err.strerror or str(err)
-
-
-def _tls_reason(err: SSL.Error) -> str:
-    """OpenSSL's reasons (``[(lib, func, reason), ...]``), or the system call's error, as one short text."""
-    if isinstance(err, SSL.SysCallError):
-        code, text = (*err.args, None, None)[:2]
-        return "the connection closed during the handshake" if code in (-1, 0) else str(text or code)
-    if isinstance(err, SSL.ZeroReturnError):
-        return "the connection closed during the handshake"
-    reasons = [str(item[2]) for item in (err.args[0] if err.args and isinstance(err.args[0], list) else []) if item]
-    return "; ".join(reasons) or type(err).__name__
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
