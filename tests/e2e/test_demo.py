@@ -71,7 +71,7 @@ def test_demo_runs_a_minute_without_a_failed_request_and_with_rotations(tmp_path
     )
     assert re.match(r"^ +ratings(-v2)?: spiffe://demo\.mesh/ns/shop/sa/backend$", lines[last + 1])
     # the policies: batch is refused by backend's sidecar every time; ratings' traffic is split 80/20
-    refused = max(i for i, line in enumerate(lines) if line.startswith("batch -> backend "))
+    refused = max(i for i, line in enumerate(lines) if re.match(r"batch -> backend +\d+ +\d+ ", line))  # not the traffic table
     assert re.match(
         r"^batch -> backend +[1-9]\d* +0 +backend: refused batch \(403 RBAC: access denied\)$", lines[refused]
     )
@@ -80,6 +80,11 @@ def test_demo_runs_a_minute_without_a_failed_request_and_with_rotations(tmp_path
         r"^  frontend -> backend -> ratings answered by: backend -> ratings \d+, backend -> ratings-v2 [1-9]\d*$",
         lines[split],
     )
+    # the traffic table, from the sidecars' own stats: every answer batch got was a 4xx (the 403 above)
+    traffic = [line.split() for line in lines if re.match(r"batch -> backend +http ", line)]
+    refusals = [row[6] for row in traffic if row[6] != "-"]
+    assert refusals and set(refusals) == {"100.0%"}, traffic
+    assert traffic[-1][-3:] == ["spiffe://demo.mesh/ns/shop/sa/batch", "->", "spiffe://demo.mesh/ns/shop/sa/backend"]
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:

@@ -46,7 +46,9 @@ class RouteCounts:
     """Cumulative counters of one route at one reading (summed over the sidecars that report it)."""
 
     protocol: str = "http"
-    requests: float = 0.0
+    requests: float = 0.0  # started (Envoy counts a request when it begins)
+    answered: float = 0.0  # answered, of any status class: the ratios' denominator, so that requests still in
+    # flight at a reading do not count as neither error nor success
     errors: float = 0.0
     refused: float = 0.0
     connections: float = 0.0
@@ -56,6 +58,7 @@ class RouteCounts:
 
     def add(self, other: RouteCounts) -> None:
         self.requests += other.requests
+        self.answered += other.answered
         self.errors += other.errors
         self.refused += other.refused
         self.connections += other.connections
@@ -115,6 +118,7 @@ def route_counts(text: str) -> dict[RouteKey, RouteCounts]:
                 setattr(counts, _COUNTERS[name], getattr(counts, _COUNTERS[name]) + value)
             elif name == "envoy_cluster_upstream_rq_xx":
                 code_class = labels.get("envoy_response_code_class")
+                counts.answered += value
                 if code_class == "5":
                     counts.errors += value
                 elif code_class == "4":
@@ -180,11 +184,11 @@ def figures(
         requests = _delta(now.requests, then.requests)
         tcp = now.protocol == "tcp"
         if tcp:
-            count = _delta(now.connections, then.connections)
+            count = done = _delta(now.connections, then.connections)
             errors, refused = _delta(now.connect_failures, then.connect_failures), 0.0
             buckets = _window(now.connection_buckets, then.connection_buckets)
         else:
-            count = requests
+            count, done = requests, _delta(now.answered, then.answered)
             errors, refused = _delta(now.errors, then.errors), _delta(now.refused, then.refused)
             buckets = _window(now.request_buckets, then.request_buckets)
         out.append(
@@ -192,8 +196,8 @@ def figures(
                 key,
                 "tcp" if tcp else "http",
                 count / seconds,
-                errors / count if count else None,
-                refused / count if count else None,
+                errors / done if done else None,
+                refused / done if done else None,
                 quantile(0.5, buckets),
                 quantile(0.99, buckets),
             )
