@@ -75,10 +75,10 @@ def test_root_rotation_prepare_activate_retire_under_traffic(running: RunningMes
         _publish_bundle(running)
         # A sidecar whose xDS stream still ran on its old-root bootstrap certificate has that stream ended by the
         # server here and reconnects with the renewed one before it can acknowledge the new bundle: on a loaded
-        # machine that cycle has taken longer than 30 s (seen twice in full runs, never alone), hence the bound.
+        # machine that cycle has taken 10-60 s (over 30 s twice in full runs), hence the bound (why so long: open).
         try:
             wait_until(
-                lambda: not running.xds.nodes_trusting(fingerprint_of(old_root)), "the old root to be dropped", 90.0
+                lambda: not running.xds.nodes_trusting(fingerprint_of(old_root)), "the old root to be dropped", 150.0
             )
         except AssertionError as err:
             still = sorted(running.xds.nodes_trusting(fingerprint_of(old_root)))
