@@ -18,7 +18,6 @@ connections, and stops it by its pid: SIGTERM, then SIGKILL after a grace period
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_identity.demo.envoy import executable_of
+from mesh_identity.demo.processes import log_tail, stop_process
 from mesh_identity.errors import MeshIdentityError
 from mesh_identity.mesh.model import Address
 from mesh_identity.spiffe import SpiffeId, TrustDomain
@@ -140,21 +140,9 @@ class AgentProcess:
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        """The last ``lines`` of its log."""
+        return log_tail(self.log_path, lines)
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; the exit code."""
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return stop_process(self.process, grace)

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mesh_identity.demo.processes import log_tail, stop_process
 from mesh_identity.errors import MeshIdentityError
 from mesh_identity.mesh.model import Address
 
@@ -193,24 +193,11 @@ class EnvoyProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` of its log."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return stop_process(self.process, grace)
 
     def wait_ready(self, timeout: float, interrupted: Callable[[], bool] | None = None) -> None:
         """Until ``/ready`` says LIVE; EnvoyError after ``timeout`` seconds or if Envoy exits.
