@@ -125,16 +125,7 @@ class FrontDoor:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._open):
-            task.cancel()
-        if self._open:
-            await asyncio.gather(*self._open, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.public.unlink()
+        await shut(server, self._open, self.public)
 
     @property
     def connections(self) -> int:
@@ -238,3 +229,17 @@ async def pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> No
             target.write_eof()
     except (ConnectionError, OSError):
         target.close()
+
+
+async def shut(server: asyncio.AbstractServer | None, open_tasks: set[asyncio.Task[None]], path: Path) -> None:
+    """Stop a Unix-socket listener: no new connections, the open ones cancelled and awaited, its socket removed."""
+    if server is not None:
+        server.close()
+    for task in list(open_tasks):
+        task.cancel()
+    if open_tasks:
+        await asyncio.gather(*open_tasks, return_exceptions=True)
+    if server is not None:
+        await server.wait_closed()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -15,7 +15,6 @@ trust bundle applies to the next connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
@@ -26,7 +25,7 @@ from cryptography import x509
 
 from mesh_identity.spiffe import SpiffeId
 from xds_sds.agent.config import Address
-from xds_sds.agent.relay import CHUNK, close_all, pipe
+from xds_sds.agent.relay import CHUNK, close_all, pipe, shut
 from xds_sds.protocol.auth import PeerError, check_leaf_profile, identity_of
 
 log = logging.getLogger(__name__)
@@ -91,16 +90,7 @@ class Tunnel:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._open):
-            task.cancel()
-        if self._open:
-            await asyncio.gather(*self._open, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        await shut(server, self._open, self.path)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
