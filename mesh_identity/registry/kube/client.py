@@ -36,7 +36,9 @@ from mesh_identity.config import RegistryConfig
 from mesh_identity.document import shown
 from mesh_identity.errors import ConfigError
 from mesh_identity.registry.kube.errors import (
+    KubeAlreadyExistsError,
     KubeApiError,
+    KubeConflictError,
     KubeExpiredError,
     KubeForbiddenError,
     KubeUnauthorizedError,
@@ -44,7 +46,7 @@ from mesh_identity.registry.kube.errors import (
     MalformedAnswerError,
 )
 from mesh_identity.registry.kube.objects import JsonObj
-from mesh_identity.registry.kube.resources import Resource
+from mesh_identity.registry.kube.resources import CONFIG_MAPS, LEASES, SECRETS, Resource
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PAGE = 500  # objects per list request
@@ -159,6 +161,9 @@ def translate_error(err: BaseException, what: str, host: str) -> KubeApiError:
             )
         if code == 410:
             return KubeExpiredError(f"cannot {what} ({shown_status}): {message}", code)
+        if code == 409:
+            error = KubeAlreadyExistsError if reason == "AlreadyExists" else KubeConflictError
+            return error(f"cannot {what} ({shown_status}): {message}", code)
         if code == 404 and message == "the server could not find the requested resource":
             message += " (are the SMI CRDs of deploy/crds installed?)"
         return KubeApiError(f"the Kubernetes API at {host} answered {shown_status} to {what}: {message}", code)
@@ -205,6 +210,7 @@ class KubeClient:
         self._core = kubernetes.client.CoreV1Api(api)
         self._discovery = kubernetes.client.DiscoveryV1Api(api)
         self._custom = kubernetes.client.CustomObjectsApi(api)
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
 
     def close(self) -> None:
         cast(Any, self.api).close()
@@ -273,6 +279,57 @@ class KubeClient:
         """Create the Event ``body`` in ``namespace``."""
         what = f"create an Event in namespace {namespace}"
         self._body(what, self._core.create_namespaced_event, namespace=namespace, body=body)
+
+    # -- single namespaced objects: Secrets, ConfigMaps, Leases
+
+    def _calls(self, resource: Resource) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """The client's read, create and replace calls of a namespaced object of ``resource``."""
+        core, coordination = self._core, self._coordination
+        calls = {
+            SECRETS: (core.read_namespaced_secret, core.create_namespaced_secret, core.replace_namespaced_secret),
+            CONFIG_MAPS: (
+                core.read_namespaced_config_map,
+                core.create_namespaced_config_map,
+                core.replace_namespaced_config_map,
+            ),
+            LEASES: (
+                coordination.read_namespaced_lease,
+                coordination.create_namespaced_lease,
+                coordination.replace_namespaced_lease,
+            ),
+        }
+        if resource not in calls:
+            raise ValueError(f"{resource} is not a kind KubeClient reads one by one")
+        return calls[resource]
+
+    def read(self, resource: Resource, namespace: str, name: str) -> JsonObj | None:
+        """The object ``namespace/name`` of ``resource``, or None when it does not exist (404)."""
+        what = f"read {resource.kind} {namespace}/{name}"
+        try:
+            data = self._body(what, self._calls(resource)[0], name=name, namespace=namespace)
+        except KubeApiError as err:
+            if err.code == 404:
+                return None
+            raise
+        return _parse(data, f"the answer to {what}")
+
+    def create(self, resource: Resource, namespace: str, body: JsonObj) -> JsonObj:
+        """Create ``body`` in ``namespace``; :class:`KubeAlreadyExistsError` when its name is taken."""
+        name = body.get("metadata", {}).get("name", "?")
+        what = f"create {resource.kind} {namespace}/{name}"
+        data = self._body(what, self._calls(resource)[1], namespace=namespace, body=body)
+        return _parse(data, f"the answer to {what}")
+
+    def replace(self, resource: Resource, namespace: str, body: JsonObj) -> JsonObj:
+        """Replace the object with ``body``, whose ``metadata.resourceVersion`` is the precondition (the one it was
+        read at): :class:`KubeConflictError` when the object changed since, so no writer overwrites another."""
+        metadata = body.get("metadata", {})
+        name = metadata.get("name", "?")
+        if not metadata.get("resourceVersion"):
+            raise ValueError(f"replacing {resource.kind} {namespace}/{name} needs metadata.resourceVersion")
+        what = f"replace {resource.kind} {namespace}/{name} at resourceVersion {metadata['resourceVersion']}"
+        data = self._body(what, self._calls(resource)[2], name=name, namespace=namespace, body=body)
+        return _parse(data, f"the answer to {what}")
 
 
 class WatchStream:

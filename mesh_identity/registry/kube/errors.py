@@ -7,6 +7,9 @@
     ├── KubeUnauthorizedError          401: the token or kubeconfig user is not accepted
     ├── KubeForbiddenError             403: RBAC does not allow the call (names the verb and resource)
     ├── KubeExpiredError               410: the watch's resourceVersion is too old (list again)
+    ├── KubeConflictError              409: the object changed since it was read (a resourceVersion precondition
+    │   │                              failed): read it again
+    │   └── KubeAlreadyExistsError     409 AlreadyExists: a create lost to another writer: read the winner's
     └── MalformedAnswerError           an answer that is not what the API promises (not JSON, a key missing)
 
 ``kubernetes`` and ``urllib3`` exceptions become one of these in :mod:`mesh_identity.registry.kube.client`, with
@@ -45,3 +48,11 @@ class KubeExpiredError(KubeApiError):
 
 class MalformedAnswerError(KubeApiError):
     """An answer that is not what the Kubernetes API promises."""
+
+
+class KubeConflictError(KubeApiError):
+    """409 Conflict: the object's resourceVersion is not the one the write was made against."""
+
+
+class KubeAlreadyExistsError(KubeConflictError):
+    """409 AlreadyExists: the object a create named exists already."""

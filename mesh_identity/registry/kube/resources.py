@@ -44,6 +44,9 @@ HTTP_ROUTE_GROUPS = Resource("HTTPRouteGroup", "httproutegroups", "specs.smi-spe
 TCP_ROUTES = Resource("TCPRoute", "tcproutes", "specs.smi-spec.io", "v1alpha4")
 TRAFFIC_SPLITS = Resource("TrafficSplit", "trafficsplits", "split.smi-spec.io", "v1alpha4")
 EVENTS = Resource("Event", "events")
+SECRETS = Resource("Secret", "secrets")
+CONFIG_MAPS = Resource("ConfigMap", "configmaps")
+LEASES = Resource("Lease", "leases", "coordination.k8s.io")
 
 SMI = (HTTP_ROUTE_GROUPS, TCP_ROUTES, TRAFFIC_TARGETS, TRAFFIC_SPLITS)
 WATCHED = (NAMESPACES, SERVICE_ACCOUNTS, PODS, SERVICES, ENDPOINT_SLICES, *SMI)

@@ -22,7 +22,7 @@ fake of an operator registers its kinds, see :meth:`KubeServer.register`):
   with :meth:`KubeServer.token_reviews` (:mod:`~tests.fakes.kube.tokenreview`).
 
 The served kinds are :class:`Kind` values (:mod:`~tests.fakes.kube.kinds`); :data:`DEFAULT_KINDS` are Secret,
-ConfigMap and Namespace. Another fake adds its custom resources with :func:`custom_resource` and
+ConfigMap, Namespace and Lease. Another fake adds its custom resources with :func:`custom_resource` and
 :meth:`KubeServer.register`.
 
 Use it through the ``kube_server`` and ``kube_api_client`` fixtures (import them into a ``conftest.py``),
@@ -38,7 +38,7 @@ Faults for tests: :meth:`KubeServer.deny` (403), :meth:`KubeServer.inject_error`
 """
 
 from tests.fakes.kube.errors import ApiError, JsonObj
-from tests.fakes.kube.kinds import CONFIG_MAP, DEFAULT_KINDS, NAMESPACE, SECRET, Kind, custom_resource
+from tests.fakes.kube.kinds import CONFIG_MAP, DEFAULT_KINDS, LEASE, NAMESPACE, SECRET, Kind, custom_resource
 from tests.fakes.kube.server import (
     DEFAULT_TOKEN,
     DEFAULT_USER,
@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_KINDS",
     "DEFAULT_TOKEN",
     "DEFAULT_USER",
+    "LEASE",
     "NAMESPACE",
     "SECRET",
     "ApiError",

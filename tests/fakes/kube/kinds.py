@@ -89,4 +89,6 @@ SECRET = Kind("Secret", "secrets", field_labels=("type",), prepare=_prepare_secr
 CONFIG_MAP = Kind("ConfigMap", "configmaps", short_names=("cm",), validate=_validate_config_map)
 NAMESPACE = Kind("Namespace", "namespaces", namespaced=False, status_subresource=True, short_names=("ns",))
 
-DEFAULT_KINDS: tuple[Kind, ...] = (SECRET, CONFIG_MAP, NAMESPACE)
+LEASE = Kind("Lease", "leases", group="coordination.k8s.io")
+
+DEFAULT_KINDS: tuple[Kind, ...] = (SECRET, CONFIG_MAP, NAMESPACE, LEASE)
