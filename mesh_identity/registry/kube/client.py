@@ -285,7 +285,7 @@ class KubeClient:
     def _calls(self, resource: Resource) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """The client's read, create and replace calls of a namespaced object of ``resource``."""
         core, coordination = self._core, self._coordination
-        calls = {
+        calls: dict[Resource, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
             SECRETS: (core.read_namespaced_secret, core.create_namespaced_secret, core.replace_namespaced_secret),
             CONFIG_MAPS: (
                 core.read_namespaced_config_map,
