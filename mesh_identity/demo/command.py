@@ -152,8 +152,10 @@ class Demo:
         mesh = xds.mesh
         self._follow_rotations(service, mesh)
         for svc in mesh.services.values():
-            upstreams = {u.service: u.listen for u in svc.upstreams}
             for instance in svc.instances:
+                if instance.app is None:  # a client-only sidecar: nothing of the demo's runs behind it
+                    continue
+                upstreams = {u.service: u.address_for(instance) for u in svc.upstreams}
                 try:
                     app = DemoApp(svc.name, instance.app, upstreams).start()
                 except OSError as err:

@@ -25,6 +25,7 @@ from typing import Any
 
 from mesh_identity.demo.mesh import Route
 from mesh_identity.durations import format_duration
+from mesh_identity.errors import ConfigError
 from mesh_identity.mesh.model import Address, Mesh
 from xds_sds.mesh.figures import RouteCounts, RouteFigures, RouteKey, figures, merge, read_stats, route_counts, table
 
@@ -127,7 +128,11 @@ class Traffic:
         self.sidecar_figures = SidecarFigures(mesh)
 
     def entry(self, route: Route) -> Address:
-        return self.mesh.services[route.hops[0]].instances[0].app
+        service = self.mesh.services[route.hops[0]]
+        found = next((i.app for i in service.instances if i.app is not None), None)
+        if found is None:
+            raise ConfigError(f"services.{service.name}: the demo sends its requests to an app; this one has none")
+        return found
 
     def probe(self, route: Route) -> tuple[tuple[Hop, ...], str | None]:
         """One request along ``route``, not counted."""

@@ -21,6 +21,17 @@ Every service has one identity and one or more instances; every instance is one 
         upstreams:
           - service: backend
             listen: 127.0.0.1:16081    # on every frontend sidecar: the app calls backend here, in plaintext
+      batch:
+        instances:
+          - {node: batch-1, inbound: 127.0.0.2:15003}   # no app: a client-only sidecar (no inbound listener)
+          - {node: batch-2, inbound: 127.0.0.3:15003}
+        upstreams:
+          - service: backend
+            port: 8081                 # on each sidecar's own inbound IP: batch-1 at 127.0.0.2:8081, ...
+
+An upstream's ``listen`` is one address for every sidecar of the service, so it allows one instance only;
+``port`` binds the listener on each sidecar's own inbound IP (the Kubernetes registry's choice: every pod has its
+own IP). An instance without ``app`` serves nothing: its sidecar has no inbound listener, it only calls out.
 
 An identity omitted defaults to ``{namespace: default, service_account: <service name>}``. Errors name the key
 path: ``services.frontend.upstreams[0].service: 'billing' is not a service of this mesh``.
@@ -72,10 +83,10 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """One app and its sidecar."""
+    """One app and its sidecar (``app`` None: a client-only sidecar, nothing listens on ``inbound``)."""
 
     node: str
-    app: Address
+    app: Address | None
     inbound: Address
     host: str | None = None  # the host (node agent) it runs on; only that host's agent may obtain its identity
     stats: Address | None = None  # the sidecar's Prometheus endpoint (see xds_sds.resources.stats)
@@ -84,10 +95,20 @@ class Instance:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """A service this one calls, through a plaintext listener on its own sidecar."""
+    """A service this one calls, through a plaintext listener on its own sidecar: at ``listen`` (one address for
+    the service's one instance) or at ``port`` on each sidecar's own inbound IP. Exactly one of them is set."""
 
     service: str
-    listen: Address
+    listen: Address | None = None
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.listen is None) == (self.port is None):
+            raise ValueError(f"upstream {self.service!r}: give exactly one of listen and port")
+
+    def address_for(self, instance: Instance) -> Address:
+        """Where the sidecar of ``instance`` listens for this upstream."""
+        return self.listen if self.listen is not None else Address(instance.inbound.host, self.port or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +121,8 @@ class Service:
 
     @property
     def endpoints(self) -> tuple[Address, ...]:
-        """Where the mesh reaches this service: its sidecars' inbound ports."""
-        return tuple(i.inbound for i in self.instances)
+        """Where the mesh reaches this service: its sidecars' inbound ports (client-only sidecars serve nothing)."""
+        return tuple(i.inbound for i in self.instances if i.app is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +211,7 @@ def _identity(value: Any, path: str, name: str, trust_domain: TrustDomain) -> Sp
 
 def _instance(value: Any, path: str) -> Instance:
     section = _mapping(value, path)
-    _keys(section, ("node", "app", "inbound", "host", "stats", "access_log"), ("node", "app", "inbound"), path)
+    _keys(section, ("node", "app", "inbound", "host", "stats", "access_log"), ("node", "inbound"), path)
     node = _string(section["node"], f"{path}.node")
     if not _NODE.match(node):
         raise ConfigError(f"{path}.node: {node!r} is not a node id (letters, digits, '.', '_', '-'; 128 at most)")
@@ -199,7 +220,8 @@ def _instance(value: Any, path: str) -> Instance:
         host = _string(section["host"], f"{path}.host")
         if not _NODE.match(host):
             raise ConfigError(f"{path}.host: {host!r} is not a host name (letters, digits, '.', '_', '-'; 128 at most)")
-    app, inbound = _address(section["app"], f"{path}.app"), _address(section["inbound"], f"{path}.inbound")
+    app = _address(section["app"], f"{path}.app") if "app" in section else None
+    inbound = _address(section["inbound"], f"{path}.inbound")
     stats = _address(section["stats"], f"{path}.stats") if "stats" in section else None
     access_log = _access_log(section["access_log"], f"{path}.access_log") if "access_log" in section else None
     return Instance(node, app, inbound, host, stats, access_log)
@@ -214,8 +236,16 @@ def _access_log(value: Any, path: str) -> str:
 
 def _upstream(value: Any, path: str) -> Upstream:
     section = _mapping(value, path)
-    _keys(section, ("service", "listen"), ("service", "listen"), path)
-    return Upstream(_string(section["service"], f"{path}.service"), _address(section["listen"], f"{path}.listen"))
+    _keys(section, ("service", "listen", "port"), ("service",), path)
+    service = _string(section["service"], f"{path}.service")
+    if ("listen" in section) == ("port" in section):
+        raise ConfigError(f"{path}: give exactly one of listen (HOST:PORT) and port (on each sidecar's own IP)")
+    if "listen" in section:
+        return Upstream(service, listen=_address(section["listen"], f"{path}.listen"))
+    port = section["port"]
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"{path}.port: {shown(port)} is not a port (1-65535)")
+    return Upstream(service, port=port)
 
 
 _SERVICE_KEYS = ("identity", "protocol", "instances", "upstreams")
@@ -269,14 +299,24 @@ def _check_references(mesh: Mesh) -> None:
             if upstream.service in seen:
                 raise ConfigError(f"{path}.service: {upstream.service!r} is listed twice")
             seen.add(upstream.service)
-            if len(service.instances) > 1:
+            if upstream.listen is not None and len(service.instances) > 1:
                 raise ConfigError(
-                    f"{path}.listen: {name} has several instances on one host; they cannot share "
-                    "the upstream listener address"
+                    f"{path}.listen: {name} has several instances; they cannot share one upstream listener "
+                    "address (give a port instead: each sidecar listens on its own IP)"
                 )
-            if upstream.listen in binds:
-                raise ConfigError(f"{path}.listen: {upstream.listen} is already used by {binds[upstream.listen]}")
-            binds[upstream.listen] = f"{path}.listen"
+            if upstream.listen is not None:
+                if upstream.listen in binds:
+                    raise ConfigError(f"{path}.listen: {upstream.listen} is already used by {binds[upstream.listen]}")
+                binds[upstream.listen] = f"{path}.listen"
+                continue
+            for j, instance in enumerate(service.instances):
+                address = upstream.address_for(instance)
+                if address in binds:
+                    raise ConfigError(
+                        f"{path}.port: {address} (on the sidecar of services.{name}.instances[{j}]) is already used "
+                        f"by {binds[address]}"
+                    )
+                binds[address] = f"{path}.port (on the sidecar of services.{name}.instances[{j}])"
 
 
 def check_mesh(mesh: Mesh) -> None:

@@ -157,7 +157,44 @@ def _two(**changes: Any) -> dict[str, Any]:
             _two(upstreams=[{"service": "b", "listen": "127.0.0.1:2002"}]),
             "services.a.upstreams[0].listen: 127.0.0.1:2002 is already used by services.b.instances[0].inbound",
         ),
-        (_two(upstreams=[{"service": "b"}]), "services.a.upstreams[0].listen: required"),
+        (
+            _two(upstreams=[{"service": "b"}]),
+            "services.a.upstreams[0]: give exactly one of listen (HOST:PORT) and port (on each sidecar's own IP)",
+        ),
+        (
+            _two(upstreams=[{"service": "b", "listen": "127.0.0.1:3001", "port": 3001}]),
+            "services.a.upstreams[0]: give exactly one of listen (HOST:PORT) and port (on each sidecar's own IP)",
+        ),
+        (_two(upstreams=[{"service": "b", "port": 0}]), "services.a.upstreams[0].port: 0 is not a port (1-65535)"),
+        (_two(upstreams=[{"service": "b", "port": "80"}]), "services.a.upstreams[0].port: '80' is not a port (1-65535)"),
+        (_two(upstreams=[{"service": "b", "port": True}]), "services.a.upstreams[0].port: True is not a port (1-65535)"),
+        (
+            _two(upstreams=[{"service": "b", "port": 1001}]),
+            "services.a.upstreams[0].port: 127.0.0.1:1001 (on the sidecar of services.a.instances[0]) is already used "
+            "by services.a.instances[0].app",
+        ),
+        (
+            _two(
+                instances=[
+                    {"node": "a-1", "app": "127.0.0.1:1001", "inbound": "127.0.0.1:2001"},
+                    {"node": "a-2", "app": "127.0.0.1:1003", "inbound": "127.0.0.1:2003"},
+                ],
+                upstreams=[{"service": "b", "port": 3001}],
+            ),
+            "services.a.upstreams[0].port: 127.0.0.1:3001 (on the sidecar of services.a.instances[1]) is already used "
+            "by services.a.upstreams[0].port (on the sidecar of services.a.instances[0])",
+        ),
+        (
+            _two(
+                instances=[
+                    {"node": "a-1", "app": "127.0.0.1:1001", "inbound": "127.0.0.1:2001"},
+                    {"node": "a-2", "app": "127.0.0.1:1003", "inbound": "127.0.0.1:2003"},
+                ],
+                upstreams=[{"service": "b", "listen": "127.0.0.1:3001"}],
+            ),
+            "services.a.upstreams[0].listen: a has several instances; they cannot share one upstream listener "
+            "address (give a port instead: each sidecar listens on its own IP)",
+        ),
         (
             {
                 "services": {
@@ -189,3 +226,20 @@ def test_file_errors_name_the_file(tmp_path: Path, content: bytes, message: str)
     with pytest.raises(ConfigError) as info:
         load_mesh(tmp_path / "missing.yaml", TD)
     assert str(info.value) == f"mesh_file: cannot read {tmp_path / 'missing.yaml'}: No such file or directory"
+
+
+def test_upstream_by_port_listens_on_each_sidecars_own_ip() -> None:
+    document = _two(
+        instances=[
+            {"node": "a-1", "app": "127.0.0.11:1001", "inbound": "127.0.0.11:2001"},
+            {"node": "a-2", "inbound": "127.0.0.12:2001"},
+        ],
+        upstreams=[{"service": "b", "port": 3001}],
+    )
+    mesh = parse_mesh(document, TD)
+    a = mesh.service("a")
+    upstream = a.upstreams[0]
+    assert (upstream.listen, upstream.port) == (None, 3001)
+    assert [str(upstream.address_for(i)) for i in a.instances] == ["127.0.0.11:3001", "127.0.0.12:3001"]
+    assert a.instances[1].app is None
+    assert a.endpoints == (Address("127.0.0.11", 2001),)  # a client-only sidecar serves nothing

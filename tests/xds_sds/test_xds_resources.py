@@ -188,3 +188,35 @@ def test_update_mesh_refuses_another_trust_domain(xds: MeshPublisher) -> None:
     with pytest.raises(ValueError) as info:
         xds.update_mesh(Mesh(TestCa.for_trust_domain("other.org").trust_domain, {}))
     assert str(info.value) == "the mesh moved from example.org to other.org"
+
+
+def test_client_only_sidecar_has_no_inbound_and_port_upstreams_bind_its_own_ip() -> None:
+    backend = _mesh(with_ledger=False).service("backend")
+    jobs = Service(
+        "jobs",
+        CA.id("/ns/shop/sa/jobs"),
+        Protocol.HTTP,
+        (
+            Instance("jobs-1", None, Address("127.0.0.21", 15003)),
+            Instance("jobs-2", Address("127.0.0.22", 8080), Address("127.0.0.22", 15003)),
+        ),
+        (Upstream("backend", port=80),),
+    )
+    mesh = Mesh(CA.trust_domain, {"backend": backend, "jobs": jobs})
+    client_only = proxy_resources(mesh, "jobs-1")
+    assert sorted(client_only[LISTENER]) == ["outbound|backend"]
+    assert "inbound|jobs|app" not in client_only[CLUSTER]
+    served = proxy_resources(mesh, "jobs-2")
+    assert sorted(served[LISTENER]) == ["inbound|jobs", "outbound|backend"]
+    for node, host in (("jobs-1", "127.0.0.21"), ("jobs-2", "127.0.0.22")):
+        listener = proxy_resources(mesh, node)[LISTENER]["outbound|backend"]
+        assert isinstance(listener, listener_pb2.Listener)
+        assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (host, 80)
+    assert mesh.service("jobs").endpoints == (Address("127.0.0.22", 15003),)
+
+
+def test_an_upstream_has_exactly_one_of_listen_and_port() -> None:
+    with pytest.raises(ValueError, match="give exactly one of listen and port"):
+        Upstream("backend")
+    with pytest.raises(ValueError, match="give exactly one of listen and port"):
+        Upstream("backend", Address("127.0.0.1", 80), 80)

@@ -5,11 +5,12 @@ For the sidecar of ``service`` (node ``instance.node``):
 * ``inbound|<service>``: a listener on the instance's inbound address requiring a mesh client certificate,
   HTTP (with XFCC and the RBAC filter; the access policy rides on the route ``inbound|<service>``) or TCP
   (network RBAC, then ``tcp_proxy``) to the cluster ``inbound|<service>|app``, the app on loopback
-  (see :mod:`xds_sds.resources.rbac`);
-* for each upstream ``U``: a plaintext listener ``outbound|U`` on the upstream's listen address. Its traffic goes
-  to the EDS cluster ``outbound|B`` of each backend ``B``, whose endpoints are B's sidecars and whose TLS accepts
-  only B's SPIFFE ID: B is U itself, or, when a TrafficSplit has U as its root, each of the split's backends,
-  chosen by weight per request (HTTP weighted clusters on the route ``outbound|U``) or per connection (TCP);
+  (see :mod:`xds_sds.resources.rbac`); none for a client-only sidecar (an instance without an app);
+* for each upstream ``U``: a plaintext listener ``outbound|U`` on the upstream's listen address (or at its port
+  on the instance's own inbound IP). Its traffic goes to the EDS cluster ``outbound|B`` of each backend ``B``,
+  whose endpoints are B's sidecars and whose TLS accepts only B's SPIFFE ID: B is U itself, or, when a
+  TrafficSplit has U as its root, each of the split's backends, chosen by weight per request (HTTP weighted
+  clusters on the route ``outbound|U``) or per connection (TCP);
 * secrets (built separately, they change on their own clock): the SVID of the service's identity and the
   trust bundle. With ``secrets=SecretSource.AGENT`` (the mesh's ``xds.secrets: agent``) the TLS contexts fetch
   the SVID from the node agent instead (see :mod:`xds_sds.resources.tls`) and :func:`secret_resources` holds
@@ -82,7 +83,7 @@ def proxy_view(mesh: Mesh, service: Service, instance: Instance) -> ProxyView:
             for name, weight in shares
             for backend in (mesh.service(name),)
         )
-        upstreams.append(UpstreamView(target.name, upstream.listen, target.protocol, backends))
+        upstreams.append(UpstreamView(target.name, upstream.address_for(instance), target.protocol, backends))
     return ProxyView(
         service.name,
         service.identity,
@@ -125,17 +126,9 @@ def build_proxy(
 ) -> Resources:
     """The resources of the sidecar described by ``view`` (see the module docstring)."""
     out: Resources = {LISTENER: {}, ROUTE: {}, CLUSTER: {}, ENDPOINT: {}}
-    instance, trust_domain = view.instance, view.identity.trust_domain
-    inbound, app = names.inbound(view.service), names.local_app(view.service)
-    out[CLUSTER][app] = clusters.local_app(app, instance.app)
-    if view.protocol is Protocol.HTTP:
-        front = [listeners.http_manager(inbound, inbound, inbound=True, http_filters=[rbac.http_filter()])]
-        policy = rbac.http_per_route(view.access, trust_domain, instance)
-        out[ROUTE][inbound] = routes.to_cluster(inbound, app, {rbac.HTTP_RBAC: policy})
-    else:
-        front = [rbac.network_filter(inbound, view.access, trust_domain, instance), listeners.tcp_proxy(inbound, app)]
-    downstream = tls.downstream(view.identity, secrets=secrets)
-    out[LISTENER][inbound] = listeners.listener(inbound, instance.inbound, front, downstream)
+    instance = view.instance
+    if instance.app is not None:  # a client-only sidecar has no inbound listener
+        _inbound(view, instance.app, out, secrets)
 
     for upstream in view.upstreams:
         http = upstream.protocol is Protocol.HTTP
@@ -161,6 +154,21 @@ def build_proxy(
         out[LISTENER][name] = listeners.listener(name, upstream.listen, front)
     stats.instrument(view, out)  # labelled stat prefixes and access logs, where the instance asks for them
     return out
+
+
+def _inbound(view: ProxyView, app_address: Address, out: Resources, secrets: SecretSource) -> None:
+    """The inbound mTLS listener of ``view``'s sidecar and the cluster of its local app."""
+    instance, trust_domain = view.instance, view.identity.trust_domain
+    inbound, app = names.inbound(view.service), names.local_app(view.service)
+    out[CLUSTER][app] = clusters.local_app(app, app_address)
+    if view.protocol is Protocol.HTTP:
+        front = [listeners.http_manager(inbound, inbound, inbound=True, http_filters=[rbac.http_filter()])]
+        policy = rbac.http_per_route(view.access, trust_domain, instance)
+        out[ROUTE][inbound] = routes.to_cluster(inbound, app, {rbac.HTTP_RBAC: policy})
+    else:
+        front = [rbac.network_filter(inbound, view.access, trust_domain, instance), listeners.tcp_proxy(inbound, app)]
+    downstream = tls.downstream(view.identity, secrets=secrets)
+    out[LISTENER][inbound] = listeners.listener(inbound, instance.inbound, front, downstream)
 
 
 def secret_resources(

@@ -97,10 +97,11 @@ def http_permission(match: HttpMatch) -> rbac_pb2.Permission:
 
 def _permissions(target: TrafficTarget, instance: Instance) -> list[rbac_pb2.Permission]:
     permissions: list[rbac_pb2.Permission] = []
+    port = instance.app.port if instance.app is not None else None
     for rule in target.rules:
         if isinstance(rule, HttpRule):
             permissions.extend(http_permission(match) for match in rule.matches)
-        elif isinstance(rule, TcpRule) and (not rule.ports or instance.app.port in rule.ports):
+        elif isinstance(rule, TcpRule) and (not rule.ports or port in rule.ports):
             permissions.append(rbac_pb2.Permission(any=True))
     return permissions
 

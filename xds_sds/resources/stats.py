@@ -291,8 +291,9 @@ def instrument(view: ProxyView, resources: Resources) -> None:
     local = Peer(view.service, view.identity)
     http = view.protocol is Protocol.HTTP
     inbound = names.inbound(view.service)
-    _observe(resources[LISTENER][inbound], labelled, sink, Direction.INBOUND, inbound, local, None, http)
-    if labelled:
+    if inbound in resources[LISTENER]:  # a client-only sidecar has none
+        _observe(resources[LISTENER][inbound], labelled, sink, Direction.INBOUND, inbound, local, None, http)
+    if labelled and inbound in resources[LISTENER]:
         app = resources[CLUSTER][names.local_app(view.service)]
         assert isinstance(app, cluster_pb2.Cluster)
         app.alt_stat_name = stat_prefix(Direction.INBOUND, view.protocol, local, route=inbound)

@@ -27,9 +27,20 @@ HTTPRouteGroup, TCPRoute,         names Services of its namespace
 TrafficSplit)
 ================================  ==============================================================================
 
-Upstreams are not published: the model gives a service's upstream listener one address for all its sidecars,
-and refuses upstreams on a service with several, which every scaled Kubernetes workload is (see the report of
-issue 13). Refused objects (a Service whose pods run as several ServiceAccounts, a UDP port, a target port
+A running pod that no Service lists is a client-only sidecar (no app, no inbound listener) of the mesh service
+``<service account>.<namespace>.serviceaccount`` (a name no Service can have: Service and namespace names hold no
+dot): it has its identity and calls out, and nobody calls it.
+
+**Upstreams** (:func:`add_upstreams`): each mesh service with sidecars gets an upstream for every other mesh service
+its identity may call: the destinations of the TrafficTargets that list it as a source (the root of a TrafficSplit
+when it may call one of the split's backends), roots first, then by name. The upstream's listener binds the
+Service's port (``spec.ports[0].port``) on each sidecar's own pod IP, so the app of a pod calls
+``http://<its pod IP>:<port>/`` in plaintext and its sidecar carries the call over mTLS. A port the pod already
+uses (its app's target port, :data:`INBOUND_PORT`) or that an earlier upstream of the same service took leaves
+that upstream out, with a note. The access policy is still enforced where it belongs, at the destination's
+inbound RBAC; the upstreams only decide which listeners and clusters a sidecar gets.
+
+Refused objects (a Service whose pods run as several ServiceAccounts, a UDP port, a target port
 that is the sidecar's inbound port; a pod of an unknown ServiceAccount; SMI objects, see :mod:`.smi`) are
 :class:`~mesh_identity.registry.kube.objects.Refusal` values the registry logs and writes Events for.
 """
@@ -42,7 +53,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from mesh_identity.errors import InvalidSpiffeIdError
-from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service
+from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.mesh.policy import Policy
 from mesh_identity.mesh.smi import parse_policy
 from mesh_identity.registry.base import validate_workloads
@@ -161,9 +172,10 @@ def _endpoints(slices: Sequence[JsonObj], port_name: str) -> list[tuple[str, str
 
 def build_services(
     snapshot: Snapshot, monitored: frozenset[str], trust_domain: TrustDomain, roots: Mapping[str, Sequence[str]]
-) -> tuple[dict[str, Service], list[Refusal], list[str]]:
-    """The mesh services of the Services and pods of ``snapshot``; ``roots`` maps the root of each TrafficSplit
-    (a mesh service name) to its backends."""
+) -> tuple[dict[str, Service], dict[str, int | None], list[Refusal], list[str]]:
+    """The mesh services of the Services and pods of ``snapshot`` (without upstreams), the Service port of each
+    (None for a client-only one), refusals and notes; ``roots`` maps the root of each TrafficSplit (a mesh service
+    name) to its backends."""
     refusals: list[Refusal] = []
     notes: list[str] = []
     pods = _running_pods(snapshot, monitored, refusals, notes)
@@ -173,7 +185,8 @@ def build_services(
         if namespace in monitored and owner:
             slices.setdefault((namespace, owner), []).append(obj)
     services: dict[str, Service] = {}
-    root_ports: dict[str, Protocol] = {}
+    service_ports: dict[str, int | None] = {}
+    root_ports: dict[str, tuple[Protocol, int | None]] = {}
     owner_of: dict[Key, str] = {}
     for (namespace, name), obj in sorted(snapshot.of(SERVICES).items()):
         if namespace not in monitored or text(obj, "spec", "type") == "ExternalName":
@@ -195,7 +208,7 @@ def build_services(
             )
             continue
         if mesh_name in roots:
-            root_ports[mesh_name] = _protocol(port)
+            root_ports[mesh_name] = (_protocol(port), _port_number(port))
             continue
         members: list[tuple[_Pod, str, int]] = []
         for pod_name, address, number in _endpoints(slices.get((namespace, name), []), text(port, "name")):
@@ -244,11 +257,102 @@ def build_services(
             node = f"{pod.name}.{namespace}"
             instances.append(Instance(node, Address(address, number), Address(address, INBOUND_PORT), pod.node))
         services[mesh_name] = Service(mesh_name, identity, _protocol(port), tuple(instances))
-    for mesh_name, protocol in root_ports.items():
+        service_ports[mesh_name] = _port_number(port)
+    for mesh_name, (protocol, root_port) in root_ports.items():
         backend = next((services[b] for b in roots[mesh_name] if b in services), None)
         if backend is not None:  # a root has no sidecar of its own; it needs an identity the mesh already has
             services[mesh_name] = Service(mesh_name, backend.identity, protocol, ())
-    return services, refusals, notes
+            service_ports[mesh_name] = root_port
+    _add_client_only(pods, owner_of, services, trust_domain, notes)
+    return services, service_ports, refusals, notes
+
+
+def _port_number(port: JsonObj) -> int | None:
+    number = port.get("port")
+    if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= 65535:
+        return number
+    return None
+
+
+def client_only_name(service_account: str, namespace: str) -> str:
+    """The mesh service of the pods of ``namespace/service_account`` that no Service lists."""
+    return f"{service_account}.{namespace}.serviceaccount"
+
+
+def _add_client_only(
+    pods: Mapping[Key, _Pod], owner_of: Mapping[Key, str], services: dict[str, Service], trust_domain: TrustDomain,
+    notes: list[str],
+) -> None:  # fmt: skip
+    """Client-only sidecars (no app) for the running pods that no Service lists, one mesh service per account."""
+    grouped: dict[tuple[str, str], list[_Pod]] = {}
+    for key, pod in sorted(pods.items()):
+        if key not in owner_of:
+            grouped.setdefault((pod.namespace, pod.service_account), []).append(pod)
+    for (namespace, account), members in sorted(grouped.items()):
+        try:
+            identity = SpiffeId.for_kubernetes(trust_domain, namespace, account)
+        except InvalidSpiffeIdError as err:
+            notes.append(f"ServiceAccount {namespace}/{account}: {err}; its pods are left out")
+            continue
+        name = client_only_name(account, namespace)
+        instances = tuple(Instance(f"{p.name}.{namespace}", None, Address(p.ip, INBOUND_PORT), p.node) for p in members)
+        # it serves nothing: it takes the protocol of the account's Services, so that the policy checks (one
+        # protocol per destination identity) do not refuse that account's TrafficTargets while a pod starts
+        protocol = next((s.protocol for s in services.values() if s.identity == identity), Protocol.TCP)
+        services[name] = Service(name, identity, protocol, instances)
+
+
+def add_upstreams(
+    services: Mapping[str, Service], ports: Mapping[str, int | None], policy: Policy
+) -> tuple[dict[str, Service], list[str]]:
+    """``services`` with their upstreams (see the module docstring), and notes on the upstreams left out."""
+    notes: list[str] = []
+    callable_by: dict[str, frozenset[SpiffeId] | None] = {}
+    for name, service in services.items():
+        if ports.get(name) is None:
+            continue
+        split = policy.split_of(name)
+        if split is not None:
+            destinations = [services[b.service].identity for b in split.backends if b.service in services]
+        elif service.endpoints:
+            destinations = [service.identity]
+        else:
+            continue
+        callers: set[SpiffeId] = set()
+        for destination in destinations:
+            targets = policy.access_to(destination)
+            if targets is None:
+                callable_by[name] = None
+                break
+            callers.update(source for target in targets for source in target.sources)
+        else:
+            callable_by[name] = frozenset(callers)
+    order = sorted(callable_by, key=lambda n: (policy.split_of(n) is None, n))
+    out: dict[str, Service] = {}
+    for name, service in services.items():
+        if not service.instances:
+            out[name] = service
+            continue
+        taken: dict[int, str] = {INBOUND_PORT: "the sidecar's inbound port"}
+        for instance in service.instances:
+            if instance.app is not None:
+                taken[instance.app.port] = "the app's port"
+        upstreams = []
+        for target in order:
+            allowed = callable_by[target]
+            if target == name or (allowed is not None and service.identity not in allowed):
+                continue
+            port = ports[target]
+            assert port is not None
+            if port in taken:
+                notes.append(
+                    f"{name}: no upstream listener for {target}: its port {port} is {taken[port]} on {name}'s sidecars"
+                )
+                continue
+            taken[port] = f"the upstream listener of {target}"
+            upstreams.append(Upstream(target, port=port))
+        out[name] = Service(name, service.identity, service.protocol, service.instances, tuple(upstreams))
+    return out, notes
 
 
 def translate(
@@ -268,7 +372,7 @@ def translate(
     def build(documents: Sequence[JsonObj], closed: Mapping[DocKey, SpiffeId | None]) -> Mesh:
         parsed = parse_policy(False, [parser_document(d, text(d, "kind")) for d in documents], trust_domain)
         roots = {split.service: tuple(b.service for b in split.backends) for split in parsed.splits}
-        services, refusals, notes = build_services(snapshot, monitored, trust_domain, roots)
+        services, ports, refusals, notes = build_services(snapshot, monitored, trust_domain, roots)
         placeholders = []
         for key, identity in sorted(closed.items()):
             target = closed_target(key, identity, services) if identity is not None else None
@@ -277,6 +381,8 @@ def translate(
         policy = Policy(
             False, parsed.targets + tuple(placeholders), parsed.splits, parsed.route_groups, parsed.tcp_routes
         )
+        services, left_out = add_upstreams(services, ports, policy)
+        notes.extend(left_out)
         mesh = Mesh(trust_domain, MappingProxyType(services), policy)
         validate_workloads(mesh, trust_domain)
         found["last"] = (refusals, notes)

@@ -16,10 +16,12 @@ from mesh_identity.registry.kube.events import event_for
 from mesh_identity.registry.kube.objects import ObjectRef, Refusal
 from mesh_identity.registry.kube.resources import (
     ENDPOINT_SLICES,
+    HTTP_ROUTE_GROUPS,
     NAMESPACES,
     PODS,
     SERVICE_ACCOUNTS,
     SERVICES,
+    TCP_ROUTES,
     TRAFFIC_SPLITS,
     TRAFFIC_TARGETS,
     Resource,
@@ -249,3 +251,115 @@ def test_the_event_about_a_refusal_is_a_valid_core_v1_event(version: str) -> Non
     assert (body["type"], body["reason"], body["count"]) == ("Warning", "InvalidPolicy", 1)
     assert body["firstTimestamp"] == body["lastTimestamp"] == "2026-01-02T03:04:05Z"
     assert len(body["message"]) == 1024 and body["message"].endswith("...")
+
+
+def _allow(world: World, name: str, destination: str, *sources: str, tcp: bool = False) -> None:
+    """A TrafficTarget letting ``sources`` call ``destination`` (any request; TCP: any connection)."""
+    if tcp:
+        world.add(TCP_ROUTES, "shop", "any", kind="TCPRoute", spec={})
+        rule = {"kind": "TCPRoute", "name": "any"}
+    else:
+        matches = [{"name": "all", "pathRegex": ".*", "methods": ["*"]}]
+        world.add(HTTP_ROUTE_GROUPS, "shop", "all", kind="HTTPRouteGroup", spec={"matches": matches})
+        rule = {"kind": "HTTPRouteGroup", "name": "all", "matches": ["all"]}
+    world.add(
+        TRAFFIC_TARGETS,
+        "shop",
+        name,
+        kind="TrafficTarget",
+        spec={
+            "destination": {"kind": "ServiceAccount", "name": destination},
+            "sources": [{"kind": "ServiceAccount", "name": s} for s in sources],
+            "rules": [rule],
+        },
+    )
+
+
+def _upstreams(mesh: Any, service: str) -> list[tuple[str, int | None]]:
+    return [(u.service, u.port) for u in mesh.services[service].upstreams]
+
+
+def test_a_service_gets_upstreams_for_the_destinations_its_identity_may_call() -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1")
+    world.workload("api", ip="10.0.0.2", port_spec={"name": "http", "port": 81, "targetPort": 8080})
+    world.workload("db", ip="10.0.0.3", port_spec={"name": "tcp", "port": 5432, "targetPort": 5432})
+    _allow(world, "web-to-api", "api", "web")
+    _allow(world, "api-to-db", "db", "api", "web", tcp=True)
+    result = world.translate()
+    assert not result.refusals, result.refusals
+    mesh = result.mesh
+    assert _upstreams(mesh, "web.shop") == [("api.shop", 81), ("db.shop", 5432)]
+    # web is named by no TrafficTarget, so it is open to the whole mesh (mesh_identity.mesh.policy): anyone may call
+    assert _upstreams(mesh, "api.shop") == [("db.shop", 5432), ("web.shop", 80)]
+    assert _upstreams(mesh, "db.shop") == [("web.shop", 80)]
+    (web,) = mesh.services["web.shop"].instances
+    listens = [str(u.address_for(web)) for u in mesh.services["web.shop"].upstreams]
+    assert listens == ["10.0.0.1:81", "10.0.0.1:5432"]  # on the pod's own IP
+
+
+def test_an_upstream_whose_port_the_pod_already_uses_is_left_out_with_a_note() -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1", port=8080)
+    world.workload("api", ip="10.0.0.2", port_spec={"name": "http", "port": 8080, "targetPort": 9090})
+    world.workload("auth", ip="10.0.0.3", port_spec={"name": "http", "port": 9000, "targetPort": 9090})
+    world.workload("cart", ip="10.0.0.4", port_spec={"name": "http", "port": 9000, "targetPort": 9090})
+    _allow(world, "web-calls", "api", "web")
+    _allow(world, "web-calls-auth", "auth", "web")
+    _allow(world, "web-calls-cart", "cart", "web")
+    result = world.translate()
+    assert _upstreams(result.mesh, "web.shop") == [("auth.shop", 9000)]
+    assert sorted(result.notes) == [
+        "web.shop: no upstream listener for api.shop: its port 8080 is the app's port on web.shop's sidecars",
+        "web.shop: no upstream listener for cart.shop: its port 9000 is the upstream listener of auth.shop on "
+        "web.shop's sidecars",
+    ]
+
+
+def test_a_split_root_is_an_upstream_of_who_may_call_a_backend_and_comes_first() -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1")
+    world.workload("api-v1", account="api", ip="10.0.0.2", port_spec={"name": "http", "port": 80, "targetPort": 80})
+    world.add(SERVICES, "shop", "api", spec={"selector": {"app": "api"}, "ports": [{"name": "http", "port": 80}]})
+    world.add(
+        TRAFFIC_SPLITS,
+        "shop",
+        "canary",
+        kind="TrafficSplit",
+        spec={"service": "api", "backends": [{"service": "api-v1", "weight": 100}]},
+    )
+    _allow(world, "web-calls", "api", "web")
+    result = world.translate()
+    assert not result.refusals, result.refusals
+    assert _upstreams(result.mesh, "web.shop") == [("api.shop", 80)]  # the root took port 80
+    assert result.notes == (
+        "web.shop: no upstream listener for api-v1.shop: its port 80 is the upstream listener of api.shop on "
+        "web.shop's sidecars",
+    )
+
+
+def test_a_pod_that_no_service_lists_is_a_client_only_sidecar_of_its_identity() -> None:
+    world = World()
+    world.workload("api", ip="10.0.0.2")
+    world.add(SERVICE_ACCOUNTS, "shop", "batch")
+    world.add(
+        PODS,
+        "shop",
+        "batch-7",
+        spec={"serviceAccountName": "batch", "nodeName": "node-b"},
+        status={"phase": "Running", "podIP": "10.0.0.9"},
+    )
+    _allow(world, "batch-calls", "api", "batch")
+    mesh = world.translate().mesh
+    batch = mesh.services["batch.shop.serviceaccount"]
+    assert batch.identity == SpiffeId.for_kubernetes(TD, "shop", "batch")
+    (instance,) = batch.instances
+    assert (instance.node, instance.app, instance.inbound, instance.host) == (
+        "batch-7.shop",
+        None,
+        Address("10.0.0.9", INBOUND_PORT),
+        "node-b",
+    )
+    assert batch.endpoints == ()
+    assert _upstreams(mesh, "batch.shop.serviceaccount") == [("api.shop", 80)]
+    assert mesh.node_identity("batch-7.shop") == batch.identity
