@@ -7,6 +7,10 @@ rotation).
 In a mesh whose node agents deliver the keys (``xds.secrets: agent``), ``bootstrap --agent SOCKET`` writes
 ``envoy.json`` alone: the sidecar takes its certificate, and the bundle that verifies the xDS server, from the
 agent's SDS socket; it needs no CA and writes no certificate. Each mode refuses the other's bootstrap.
+
+``bootstrap --ca-dir DIR`` makes the sidecar verify the xDS server with ``DIR/ca.crt``, the trust bundle ConfigMap
+(``mesh-identity-root-ca``) mounted into its pod, and follow kubelet's updates of it; ``serve`` then renews the
+bootstrap certificate only (see :mod:`xds_sds.resources.bootstrap`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from mesh_identity.registry.meshfile import load_mesh_file
 from mesh_identity.spiffe import SpiffeId
 from xds_sds.mesh.component import XDS_ADDR, server_identity
 from xds_sds.mesh.sidecars import SidecarDirs
-from xds_sds.resources.bootstrap import check_agent_socket, write_agent_bootstrap
+from xds_sds.resources.bootstrap import CA_FILE, check_agent_socket, check_ca_dir, write_agent_bootstrap
 
 
 def parse_address(text: str, what: str) -> Address:
@@ -83,6 +87,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     if admin is not None and not ipaddress.ip_address(admin.host).is_loopback:
         raise ConfigError(f"--admin: {args.admin!r} is not a loopback address (the Envoy admin stays local)")
     out = Path(args.out)
+    ca_dir = _ca_dir(args.ca_dir, agent)
     if agent is not None:
         return _agent_bootstrap(args, config, identity, service.name, xds, admin, agent, instance.stats)
     with build_for(args, Stage.AUTHORITY, create=False, config=config) as system:
@@ -92,18 +97,35 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     try:
         files = sidecars.write(
             svid, node=args.node, cluster=service.name, xds=xds, server_identity=server_identity(config.trust_domain),
-            out_dir=out, admin=admin, delta=args.delta, stats=instance.stats,
+            out_dir=out, admin=admin, delta=args.delta, stats=instance.stats, ca_dir=ca_dir,
         )  # fmt: skip
     except OSError as err:
         raise ConfigError(f"--out: cannot write the bootstrap to {out}: {err}") from None
     print(f"wrote the bootstrap of sidecar {args.node} ({identity}) to {files.bootstrap}")
     print(f"  xDS server {xds} over mTLS ({'delta' if args.delta else 'state of the world'} ADS)")
+    if ca_dir is not None:
+        print(f"  the xDS server is verified with {ca_dir / CA_FILE} (a mounted trust bundle; Envoy follows it)")
     print(
         f"  bootstrap certificate serial {svid.serial}, expires {svid.not_after:%Y-%m-%dT%H:%M:%SZ}; "
         f"'mesh-identity serve' renews it ({sidecars.default_dir(args.node)})"
     )
     print(f"  run: envoy -c {files.bootstrap} --admin-address-path {out / 'admin.addr'}")
     return 0
+
+
+def _ca_dir(given: str | None, agent: Path | None) -> Path | None:
+    """The directory of ``--ca-dir`` (absolute, links kept: Envoy watches it as given), or None; ConfigError when
+    it cannot verify the xDS server or the node agent delivers the bundle."""
+    if given is None:
+        return None
+    if agent is not None:
+        raise ConfigError("--ca-dir: with --agent the node agent delivers the bundle that verifies the xDS server")
+    directory = Path(given).absolute()
+    try:
+        check_ca_dir(directory)
+    except ValueError as err:
+        raise ConfigError(f"--ca-dir: {err}") from None
+    return directory
 
 
 def _agent_socket(config: Config, given: str | None) -> Path | None:
@@ -167,6 +189,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], common
     )
     p.add_argument("--admin", metavar="IP:PORT", help="Envoy's admin address, loopback (default: a port Envoy picks)")
     p.add_argument("--delta", action="store_true", help="use incremental (delta) xDS")
+    p.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help=f"verify the xDS server with DIR/{CA_FILE}, the mounted trust bundle ConfigMap, following its updates",
+    )
     p.add_argument(
         "--agent",
         metavar="SOCKET",

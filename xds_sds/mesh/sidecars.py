@@ -80,8 +80,10 @@ class SidecarDirs:
         admin: Address | None = None,
         delta: bool = False,
         stats: Address | None = None,
+        ca_dir: Path | None = None,
     ) -> BootstrapFiles:
-        """Write ``node``'s bootstrap to ``out_dir`` (default ``<state_dir>/sidecars/<node>``) and register it."""
+        """Write ``node``'s bootstrap to ``out_dir`` (default ``<state_dir>/sidecars/<node>``) and register it
+        (``ca_dir``: see :func:`~xds_sds.resources.bootstrap.write_bootstrap`; its bundle is not renewed here)."""
         directory = out_dir if out_dir is not None else self.default_dir(node)
         if out_dir is None:
             ensure_private_dir(directory)
@@ -89,7 +91,7 @@ class SidecarDirs:
         directory = directory.resolve()
         files = write_bootstrap(
             svid, directory, node=node, cluster=cluster, xds=xds, server_identity=server_identity,
-            admin=admin, delta=delta, stats=stats,
+            admin=admin, delta=delta, stats=stats, ca_dir=ca_dir,
         )  # fmt: skip
         self.register(node, directory)
         return files
@@ -104,16 +106,17 @@ class SidecarDirs:
 
     def _renew_each(self, nodes: Iterable[str], what: str, renew: Callable[[Path], object]) -> list[str]:
         """Apply ``renew`` to the directory of each registered sidecar among ``nodes``; returns those renewed
-        (a failure is logged and skips that node)."""
+        (a failure is logged and skips that node; ``renew`` answering False means nothing was there to renew)."""
         renewed = []
         for node in nodes:
             directory = self.directory(node)
             if directory is None:
                 continue
             try:
-                renew(directory)
+                done = renew(directory)
             except OSError as err:
                 log.warning("cannot renew the %s of %s in %s: %s", what, node, directory, err)
                 continue
-            renewed.append(node)
+            if done is not False:
+                renewed.append(node)
         return renewed

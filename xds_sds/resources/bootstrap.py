@@ -27,6 +27,15 @@ one endpoint is the node agent's SDS socket (a ``pipe`` address). The xDS cluste
 agent for their certificate too (:mod:`xds_sds.resources.tls`). Nothing in that bootstrap is secret, and
 nothing renews it.
 
+Given ``ca_dir`` (:func:`write_bootstrap`), the bundle that verifies the xDS server is not a copy in
+``sds/xds-bundle.json`` but the file ``<ca_dir>/ca.crt`` of a mounted volume: the trust bundle ConfigMap
+(``mesh-identity-root-ca``, key ``ca.crt``) as kubelet projects it into the pod. ``xds-bundle.json`` then names
+that file (``trusted_ca.filename``) with ``watched_directory: <ca_dir>``, Envoy's documented way to follow kubelet's
+update of a ConfigMap volume: kubelet writes the new payload into a new hidden directory and renames a link over
+``<ca_dir>/..data`` (atomic), a move inside ``ca_dir`` that makes Envoy read ``ca.crt`` again, with no restart
+(``tests/e2e/test_kubelet_volume.py``). Nothing of ours renews that file: :func:`renew_bootstrap_bundle` leaves
+such a bootstrap alone.
+
 Given ``stats`` (the instance's ``stats`` address in the mesh file), either bootstrap also gets the sidecar's
 Prometheus endpoint: a static listener there that serves ``GET /stats/prometheus`` from the admin through a
 static cluster, the tag extraction of the labelled stat names, and stats flushed when scraped
@@ -78,6 +87,7 @@ MAX_DOWNSTREAM_CONNECTIONS = 10_000  # a sidecar's limit on accepted connections
 SDS_DIR = "sds"
 CERT_FILE = "xds-cert.json"
 BUNDLE_FILE = "xds-bundle.json"
+CA_FILE = "ca.crt"  # the trust bundle ConfigMap's key: the file of its mounted volume that ca_dir holds
 MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with the final NUL)
 
 
@@ -106,6 +116,7 @@ def write_bootstrap(
     delta: bool = False,
     max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
     stats: Address | None = None,
+    ca_dir: Path | None = None,
 ) -> BootstrapFiles:
     """Write the bootstrap of the sidecar ``node`` (of ``svid``'s identity) and its certificate files.
 
@@ -120,8 +131,13 @@ def write_bootstrap(
     :param stats: the sidecar's Prometheus endpoint (the mesh file's ``instances[].stats``; see
         :mod:`xds_sds.resources.stats`); it reaches the admin through a static cluster, so with it an admin
         port 0 becomes a free port chosen now.
+    :param ca_dir: verify the xDS server with the roots in ``<ca_dir>/ca.crt``, a mounted trust bundle ConfigMap
+        that Envoy follows as kubelet updates it (see the module docstring), instead of ``svid``'s bundle. An
+        absolute directory whose ``ca.crt`` holds a PEM certificate now; ValueError otherwise.
     """
     admin = _loopback_admin(admin)
+    if ca_dir is not None:
+        check_ca_dir(ca_dir)
     if stats is not None and admin.port == 0:
         admin = Address(admin.host, free_port(admin.host))
     files = files_in(out_dir)
@@ -141,7 +157,11 @@ def write_bootstrap(
     with owned_dir(out_dir) as top:
         with _sds(out_dir, top, create=True) as sds:
             _write_certificate(sds, svid, files)
-            _write_bundle(sds, svid.bundle, files)
+            if ca_dir is None:
+                _write_bundle(sds, svid.bundle, files)
+            else:
+                secret = _mounted_bundle_secret(ca_dir)
+                write_private_at(sds, BUNDLE_FILE, _secrets_file(secret), 0o644, shown=str(files.bundle))
         write_private_at(
             top, BOOTSTRAP_FILE, json_format.MessageToJson(document, indent=2).encode(), 0o644,
             shown=str(files.bootstrap),
@@ -201,6 +221,20 @@ def check_agent_socket(path: Path) -> None:
         )
 
 
+def check_ca_dir(ca_dir: Path) -> None:
+    """ValueError unless ``ca_dir`` can verify the xDS server: absolute, and its ``ca.crt`` (through kubelet's
+    links) holds at least one PEM certificate."""
+    if not ca_dir.is_absolute():
+        raise ValueError(f"the CA directory {str(ca_dir)!r} is not an absolute path")
+    path = ca_dir / CA_FILE
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {path} (the trust bundle's {CA_FILE}): {err.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} holds no PEM certificate (the trust bundle's {CA_FILE})")
+
+
 def _loopback_admin(admin: Address | None) -> Address:
     admin = admin if admin is not None else Address("127.0.0.1", 0)
     if admin.host not in ("127.0.0.1", "::1"):
@@ -216,10 +250,30 @@ def renew_bootstrap(svid: X509Svid, out_dir: Path) -> None:
         _write_certificate(sds, svid, files_in(out_dir))
 
 
-def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> None:
-    """Replace the bundle that verifies the xDS server (root rotation), as :func:`renew_bootstrap` does."""
+def renew_bootstrap_bundle(bundle: TrustBundle, out_dir: Path) -> bool:
+    """Replace the bundle that verifies the xDS server (root rotation), as :func:`renew_bootstrap` does. A
+    bootstrap whose bundle is a mounted file (``ca_dir``) is left alone: returns False, True when written."""
     with owned_dir(out_dir) as top, _sds(out_dir, top) as sds:
+        if _names_a_file(sds):
+            return False
         _write_bundle(sds, bundle, files_in(out_dir))
+    return True
+
+
+def _names_a_file(sds: int) -> bool:
+    """Whether ``sds/xds-bundle.json`` names its roots' file (``ca_dir``) instead of holding them; read without
+    following a link."""
+    try:
+        fd = os.open(BUNDLE_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=sds)
+    except FileNotFoundError:
+        return False
+    with os.fdopen(fd, "rb") as file:
+        text = file.read()
+    try:
+        [resource] = json.loads(text)["resources"]
+        return "filename" in resource["validationContext"]["trustedCa"]
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _sds(out_dir: Path, top: int, *, create: bool = False) -> contextlib.AbstractContextManager[int]:
@@ -422,6 +476,18 @@ def _bundle_secret(bundle: TrustBundle) -> secret_pb2.Secret:
         name=BUNDLE_SECRET_NAME,
         validation_context=common_pb2.CertificateValidationContext(
             trusted_ca=base_pb2.DataSource(inline_bytes=bundle.pem())
+        ),
+    )
+
+
+def _mounted_bundle_secret(ca_dir: Path) -> secret_pb2.Secret:
+    """The bundle secret naming ``<ca_dir>/ca.crt``, reloaded when anything is moved into ``ca_dir`` (kubelet's
+    ``..data`` swap)."""
+    return secret_pb2.Secret(
+        name=BUNDLE_SECRET_NAME,
+        validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(filename=str(ca_dir / CA_FILE)),
+            watched_directory=base_pb2.WatchedDirectory(path=str(ca_dir)),
         ),
     )
 
