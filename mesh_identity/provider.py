@@ -240,6 +240,12 @@ class CAProvider(abc.ABC):
             "from its upstream): `mesh-identity ca trust` does not apply",
         )
 
+    def watch_state(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` whenever another process changes this CA's state, e.g. another replica advanced a
+        root rotation (the caller then reloads the provider's state); the default never calls it. ``changed``
+        may be called from another thread, and until :meth:`close`."""
+        del changed
+
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release connections and background tasks."""
 

@@ -5,13 +5,18 @@ the authority's intermediate with it; a restart reloads the same root. With ``ro
 it uses your own root instead, and with ``ca_cert_file``/``ca_key_file``/``bundle_file`` your own intermediate
 (which then signs ours, so it must allow a path length of at least 1). Root rotation is supported for the
 generated root only.
+
+With ``store: kubernetes`` the generated root is kept in a Kubernetes Secret instead (see
+:mod:`providers.builtin.secretstore`): its key encrypted with the passphrase of ``key_encryption_file``,
+created with create-or-load semantics and updated only at the resourceVersion it was read at, so replicas share
+one root; :meth:`BuiltinProvider.watch_state` follows the changes other replicas make.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,8 @@ from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, load_certs_pem
 from mesh_identity.verify import chain_problem
 from providers.builtin.keyfile import DESCRIPTION as KEY_ENCRYPTION
-from providers.builtin.store import RootStore
+from providers.builtin.secretstore import DEFAULT_SECRET_NAME, SECRET_OPTIONS, SecretRootStore, open_secret_store
+from providers.builtin.store import RootState, RootStore
 
 NAME = "builtin"
 DEFAULT_PASSPHRASE_ENV = "MESH_IDENTITY_CA_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret
@@ -57,6 +63,27 @@ OPTIONS = (
     OptionSpec("ca_cert_file", OptionType.PATH, "bring your own intermediate: its certificate, then its issuers"),
     OptionSpec("ca_key_file", OptionType.PATH, "bring your own intermediate: its private key (PEM)", secret=True),
     OptionSpec("bundle_file", OptionType.PATH, "the root(s) your own intermediate chains to (PEM)"),
+    OptionSpec(
+        "store",
+        OptionType.STRING,
+        "where the generated root is kept: files (the state directory) or kubernetes (a Secret)",
+        default="files",
+        choices=("files", "kubernetes"),
+    ),
+    OptionSpec(
+        "secret_namespace",
+        OptionType.STRING,
+        "store kubernetes: the namespace of the CA's Secret (default: the pod's namespace)",
+    ),
+    OptionSpec(
+        "secret_name", OptionType.STRING, "store kubernetes: the name of the CA's Secret", default=DEFAULT_SECRET_NAME
+    ),
+    OptionSpec("kubeconfig", OptionType.PATH, "store kubernetes: a kubeconfig file (default: the in-cluster config)"),
+    OptionSpec(
+        "key_encryption_file",
+        OptionType.PATH,
+        "store kubernetes (required): a file, mounted apart from the Secret, holding the passphrase of the root keys",
+    ),
 )
 CAPABILITIES = Capabilities(modes=frozenset(Mode), root_rotation=True)
 
@@ -69,13 +96,17 @@ class BuiltinProvider(CAProvider):
         self.options = options
         self._lock = threading.Lock()
         self.created = False
-        self.store: RootStore | None = None
+        self.store: RootState | None = None
         self._signer_cert: x509.Certificate
         self._signer_key: PrivateKey
         self._signer_chain: tuple[x509.Certificate, ...] = ()
         self._bundle_roots: tuple[x509.Certificate, ...]
-        passphrase = self._passphrase()
-        if options.get("root_cert_file") or options.get("root_key_file"):
+        if options.get("store") == "kubernetes":
+            self.store, self.created = open_secret_store(context, options)
+            self._use_store()
+        elif given := [o for o in SECRET_OPTIONS if options.get(o)]:
+            raise ConfigError(f"ca.provider_options.{given[0]}: only with store: kubernetes")
+        elif options.get("root_cert_file") or options.get("root_key_file"):
             self._load_own_root()
         elif options.get("ca_cert_file") or options.get("ca_key_file") or options.get("bundle_file"):
             self._load_own_intermediate()
@@ -87,7 +118,7 @@ class BuiltinProvider(CAProvider):
                 context.trust_domain,
                 context.key_type,
                 options.get("root_ttl") or timedelta(days=365),
-                passphrase,
+                self._passphrase(),
                 context.clock(),
             )
             self._use_store()
@@ -221,6 +252,9 @@ class BuiltinProvider(CAProvider):
         checks = super().doctor(workload_ttl, intermediate_ttl)
         if self.store is None:
             return checks
+        if isinstance(self.store, SecretRootStore):
+            with self._lock:
+                return checks + self.store.doctor()
         with self._lock:
             leftover = self.store.leftover_keys()
             weak = self.store.key_encryption_problems()
@@ -256,7 +290,7 @@ class BuiltinProvider(CAProvider):
 
     # -- root rotation -------------------------------------------------------------------------------------
 
-    def _rotating_store(self) -> RootStore:
+    def _rotating_store(self) -> RootState:
         if self.store is None:
             raise RotationError("the built-in provider rotates only a root it generated, not your own CA")
         return self.store
@@ -267,29 +301,55 @@ class BuiltinProvider(CAProvider):
     def prepare_root(self) -> x509.Certificate:
         with self._lock:
             store = self._rotating_store()
-            root = store.prepare(
-                self.context.key_type, self.options.get("root_ttl") or timedelta(days=365), self.context.clock()
-            )
+            try:
+                root = store.prepare(
+                    self.context.key_type, self.options.get("root_ttl") or timedelta(days=365), self.context.clock()
+                )
+            except RotationError:  # refused; the Secret store may have read the state again (another replica's)
+                self._use_store()
+                raise
             self._use_store()
             return root.certificate
 
     def activate_root(self) -> x509.Certificate:
         with self._lock:
-            root = self._rotating_store().activate()
+            store = self._rotating_store()
+            try:
+                root = store.activate()
+            except RotationError:
+                self._use_store()
+                raise
             self._use_store()
             return root.certificate
 
     def retire_root(self) -> tuple[x509.Certificate, ...]:
         with self._lock:
-            old = self._rotating_store().retire()
+            store = self._rotating_store()
+            try:
+                old = store.retire()
+            except RotationError:
+                self._use_store()
+                raise
             self._use_store()
             return tuple(r.certificate for r in old)
 
     def reload(self) -> None:
-        """Re-read the store from disk (another process, e.g. the CLI, advanced a rotation phase)."""
+        """Re-read the store (from disk, or the Secret): another process, e.g. the CLI or another replica,
+        advanced a rotation phase."""
         with self._lock:
             self._rotating_store().load()
             self._use_store()
+
+    def watch_state(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` whenever another process changes the CA state: with store kubernetes, a watch of the
+        Secret (stopped by :meth:`close`); then :meth:`reload` reads it. Files and your own CA: never called."""
+        if self.store is not None:
+            self.store.watch(changed)
+
+    def close(self) -> None:
+        """Stop the Secret's watch and close its connection (nothing to do for files)."""
+        if self.store is not None:
+            self.store.close()
 
 
 def create(context: ProviderContext, options: Mapping[str, Any]) -> BuiltinProvider:

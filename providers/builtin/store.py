@@ -29,10 +29,11 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -57,6 +58,29 @@ class Root:
     name: str
     certificate: x509.Certificate
     key: PrivateKey
+
+
+class RootState(Protocol):
+    """What the provider uses of the store of its roots: :class:`RootStore` (files in the state directory) and
+    :class:`~providers.builtin.secretstore.SecretRootStore` (a Kubernetes Secret). ``load`` reads the state
+    again; the rotation steps persist the next phase or raise RotationError with the state as it was."""
+
+    @property
+    def passphrase(self) -> bytes | None: ...
+    @property
+    def roots(self) -> tuple[Root, ...]: ...
+    @property
+    def active(self) -> Root: ...
+    @property
+    def phase(self) -> str: ...
+    def load(self) -> None: ...
+    def prepare(self, key_type: KeyType, root_ttl: timedelta, now: datetime) -> Root: ...
+    def activate(self) -> Root: ...
+    def retire(self) -> tuple[Root, ...]: ...
+    def leftover_keys(self) -> tuple[object, ...]: ...
+    def key_encryption_problems(self) -> list[str]: ...
+    def watch(self, changed: Callable[[], None]) -> None: ...
+    def close(self) -> None: ...
 
 
 class RootStore:
@@ -119,23 +143,7 @@ class RootStore:
         self._remove_retired_keys()
 
     def _check_manifest(self, manifest: Any, where: Path) -> tuple[list[str], str, str]:
-        if not isinstance(manifest, dict) or manifest.get("version") != 1:
-            raise StateError(f"{where} is corrupt: not a version 1 manifest")
-        if manifest.get("trust_domain") != self.trust_domain.name:
-            raise StateError(
-                f"{where} belongs to trust domain {manifest.get('trust_domain')!r}, not {self.trust_domain}"
-            )
-        names = manifest.get("roots")
-        active = manifest.get("active")
-        phase = manifest.get("phase")
-        valid_names = isinstance(names, list) and all(isinstance(n, str) and ROOT_NAME.fullmatch(n) for n in names)
-        if not names or not valid_names:
-            raise StateError(f"{where} is corrupt: 'roots' must list root names like 'root-1'")
-        if active not in names:
-            raise StateError(f"{where} is corrupt: active root {active!r} is not among {names}")
-        if phase not in PHASES:
-            raise StateError(f"{where} is corrupt: phase {phase!r} is not one of {', '.join(PHASES)}")
-        return names, str(active), str(phase)
+        return check_manifest(manifest, where, self.trust_domain)
 
     def _load_root(self, name: str) -> Root:
         cert_path, key_path = self.path / f"{name}.pem", self.path / f"{name}.key"
@@ -251,6 +259,13 @@ class RootStore:
 
     # -- views ---------------------------------------------------------------------------------------------
 
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Nothing: the files are not watched (``changed`` is never called)."""
+        del changed
+
+    def close(self) -> None:
+        """Nothing to release."""
+
     @property
     def active(self) -> Root:
         return next(r for r in self.roots if r.name == self.active_name)
@@ -291,6 +306,28 @@ class RootStore:
         except OSError as err:  # retired all the same; the next load, and doctor, see to what is left
             log.warning("root retired, but cleaning up its files in %s failed: %s", self.path, err.strerror or err)
         return old
+
+
+def check_manifest(manifest: Any, where: object, trust_domain: TrustDomain) -> tuple[list[str], str, str]:
+    """The root names, active root and phase of a ``ca.json`` manifest; StateError naming ``where`` (a file, or
+    a Secret's data key) and what is wrong."""
+    if not isinstance(manifest, dict) or manifest.get("version") != 1:
+        raise StateError(f"{where} is corrupt: not a version 1 manifest")
+    if manifest.get("trust_domain") != trust_domain.name:
+        raise StateError(f"{where} belongs to trust domain {manifest.get('trust_domain')!r}, not {trust_domain}")
+    names = manifest.get("roots")
+    active = manifest.get("active")
+    phase = manifest.get("phase")
+    valid_names = isinstance(names, list) and all(isinstance(n, str) and ROOT_NAME.fullmatch(n) for n in names)
+    if not names or not valid_names:
+        raise StateError(f"{where} is corrupt: 'roots' must list root names like 'root-1'")
+    if len(set(names)) != len(names):
+        raise StateError(f"{where} is corrupt: 'roots' lists a root twice: {names}")
+    if active not in names:
+        raise StateError(f"{where} is corrupt: active root {active!r} is not among {names}")
+    if phase not in PHASES:
+        raise StateError(f"{where} is corrupt: phase {phase!r} is not one of {', '.join(PHASES)}")
+    return names, str(active), str(phase)
 
 
 def _number(name: str) -> int:

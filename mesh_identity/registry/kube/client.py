@@ -22,6 +22,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -223,6 +224,7 @@ class KubeClient:
             ("", "pods"): self._core.list_pod_for_all_namespaces,
             ("", "services"): self._core.list_service_for_all_namespaces,
             ("discovery.k8s.io", "endpointslices"): self._discovery.list_endpoint_slice_for_all_namespaces,
+            ("", "configmaps"): self._core.list_config_map_for_all_namespaces,
         }
         found = calls.get((resource.group, resource.plural))
         if found is not None:
@@ -244,16 +246,19 @@ class KubeClient:
         except NETWORK_ERRORS as err:
             raise translate_error(err, what, self.host) from err
 
-    def list(self, resource: Resource, label_selector: str = "") -> Listing:
-        """Every object of ``resource`` (matching ``label_selector``), read in pages, and the list's version."""
-        what = f"list {resource}" + (f" ({label_selector})" if label_selector else "")
+    def list(self, resource: Resource, label_selector: str = "", *, namespace: str | None = None) -> Listing:
+        """Every object of ``resource`` (matching ``label_selector``; in ``namespace`` alone when given, for
+        ConfigMaps and Leases), read in pages, and the list's version."""
+        what = f"list {resource}" + (f" in namespace {namespace}" if namespace else "")
+        what += f" ({label_selector})" if label_selector else ""
+        lister = self._lister(resource) if namespace is None else self._namespaced_lister(resource, namespace)
         items: list[JsonObj] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"limit": PAGE, "label_selector": label_selector or None}
             if token:
                 kwargs["_continue"] = token
-            listing = _parse(self._body(what, self._lister(resource), **kwargs), f"the answer to {what}")
+            listing = _parse(self._body(what, lister, **kwargs), f"the answer to {what}")
             found = listing.get("items")
             metadata = listing.get("metadata")
             if found is None:
@@ -330,6 +335,68 @@ class KubeClient:
         what = f"replace {resource.kind} {namespace}/{name} at resourceVersion {metadata['resourceVersion']}"
         data = self._body(what, self._calls(resource)[2], name=name, namespace=namespace, body=body)
         return _parse(data, f"the answer to {what}")
+
+    # -- Leases and ConfigMaps (leader election, replica evidence, the trust-bundle ConfigMaps: server/cluster.py)
+
+    def _namespaced_lister(self, resource: Resource, namespace: str) -> Callable[..., Any]:
+        """The client's call that lists ``resource`` in one namespace (ConfigMaps, Leases)."""
+        calls: dict[Resource, Callable[..., Any]] = {
+            CONFIG_MAPS: self._core.list_namespaced_config_map,
+            LEASES: self._coordination.list_namespaced_lease,
+        }
+        if resource not in calls:
+            raise ValueError(f"{resource} is not a kind KubeClient lists in one namespace")
+        call = calls[resource]
+
+        def list_in(**kwargs: Any) -> Any:
+            return call(namespace, **kwargs)
+
+        return list_in
+
+    def delete(self, resource: Resource, namespace: str, name: str, resource_version: str) -> bool:
+        """Delete ``namespace/name`` of ``resource`` if it is still at ``resource_version`` (a DeleteOptions
+        precondition): :class:`KubeConflictError` when it changed since it was read; False when it is gone."""
+        if not resource_version:
+            raise ValueError(f"deleting {resource.kind} {namespace}/{name} needs the resourceVersion it was read at")
+        calls: dict[Resource, Callable[..., Any]] = {
+            CONFIG_MAPS: self._core.delete_namespaced_config_map,
+            LEASES: self._coordination.delete_namespaced_lease,
+        }
+        if resource not in calls:
+            raise ValueError(f"{resource} is not a kind KubeClient deletes one by one")
+        what = f"delete {resource.kind} {namespace}/{name} at resourceVersion {resource_version}"
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": resource_version}}
+        try:
+            self._body(what, calls[resource], name=name, namespace=namespace, body=body)
+        except KubeApiError as err:
+            if err.code == 404:
+                return False
+            raise
+        return True
+
+    # -- Secrets (one Secret followed by name: the built-in CA's state, providers/builtin/secretstore.py)
+
+    def list_secret(self, namespace: str, name: str) -> Listing:
+        """The Secret ``namespace/name`` as a list of at most one (``fieldSelector=metadata.name=<name>``, which
+        RBAC's ``resourceNames`` allows), with the list's resourceVersion for :meth:`watch_secret`."""
+        what = f"list Secret {namespace}/{name}"
+        call = self._core.list_namespaced_secret
+        listing = _parse(
+            self._body(what, call, namespace=namespace, field_selector=f"metadata.name={name}"),
+            f"the answer to {what}",
+        )
+        found, metadata = listing.get("items") or [], listing.get("metadata")
+        if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
+            raise MalformedAnswerError(f"the answer to {what}: items is not a list of objects")
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("resourceVersion"), str):
+            raise MalformedAnswerError(f"the answer to {what}: metadata.resourceVersion is missing")
+        return Listing(tuple(found), metadata["resourceVersion"])
+
+    def watch_secret(self, namespace: str, name: str, resource_version: str, seconds: int) -> WatchStream:
+        """Open a watch of the one Secret ``namespace/name`` from ``resource_version`` (as :meth:`watch`)."""
+        stream = SecretWatchStream(self, namespace, name, resource_version, seconds)
+        stream.open()
+        return stream
 
 
 class WatchStream:
@@ -427,3 +494,42 @@ class WatchStream:
         if kind == "ERROR":
             raise _ended(obj, self._what, self._resource, str(self._kwargs["resource_version"]))
         return WatchEvent(str(kind), obj)
+
+
+# ----------------------------------------------------------------------------------------------- Secrets
+
+
+class SecretWatchStream(WatchStream):
+    """The watch of one Secret (:meth:`KubeClient.watch_secret`): namespaced, with
+    ``fieldSelector=metadata.name=<name>``; otherwise a :class:`WatchStream`."""
+
+    def __init__(self, client: KubeClient, namespace: str, name: str, version: str, seconds: int) -> None:
+        super().__init__(client, SECRETS, version, seconds, "")
+        self._what = f"watch Secret {namespace}/{name}"
+        self._kwargs.update(namespace=namespace, field_selector=f"metadata.name={name}")
+        del self._kwargs["label_selector"]
+
+    def open(self) -> None:
+        try:
+            response = self._client._core.list_namespaced_secret(**self._kwargs)
+        except NETWORK_ERRORS as err:
+            raise translate_error(err, self._what, self._client.host) from err
+        with self._lock:
+            self._response = response
+
+
+def connect_for(
+    option: str,
+    kubeconfig: Path | None,
+    timeout: float = 10.0,
+    environ: Mapping[str, str] | None = None,
+    service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+) -> KubeClient:
+    """:func:`connect` for a user other than the registry (the built-in CA's Secret store): ``kubeconfig``, or
+    None for the pod's service account; a ConfigError names ``option`` (``ca.provider_options.kubeconfig``)."""
+    settings = RegistryConfig("-", kubeconfig, timedelta(seconds=timeout))
+    try:
+        return connect(settings, environ, service_account_dir)
+    except ConfigError as err:
+        text = str(err).replace("registry.kubeconfig", option)
+        raise ConfigError(text.replace("registry.in_cluster", f"{option} (not set: in-cluster)")) from None
