@@ -17,8 +17,10 @@ It is the one module of the core that knows the plugin manager and the xDS layer
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
 
 from mesh_identity.assembly import build_authority, build_provider, build_service
@@ -30,7 +32,9 @@ from mesh_identity.mesh.model import Address, Mesh
 from mesh_identity.provider import CAProvider, ProviderSpec
 from mesh_identity.registry.base import StaticRegistry, WorkloadRegistry
 from mesh_identity.registry.kube import KubernetesRegistry
+from mesh_identity.registry.kube.client import connect
 from mesh_identity.registry.meshfile import MeshFileRegistry
+from mesh_identity.server.cluster import HaComponent
 from mesh_identity.server.service import Service
 from plugins.manager import Plugins
 from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity, xds_connection_age
@@ -67,6 +71,7 @@ class System:
     xds: XdsComponent | None = None
     prober: SidecarProber | None = None
     signing: SigningComponent | None = None
+    ha: HaComponent | None = None
 
     def close(self) -> None:
         """Release the provider (a started service releases it when it stops)."""
@@ -144,7 +149,23 @@ def build(
         system.prober = attach_observability(service, registry)
         if config.signing is not None:
             system.signing = attach_signing(service, registry)
+        if isinstance(registry, KubernetesRegistry):
+            system.ha = attach_ha(service, registry)
     return system
+
+
+HA_REQUEST_TIMEOUT = timedelta(seconds=5)  # one request of the election: half the renew deadline
+
+
+def attach_ha(service: Service, registry: KubernetesRegistry) -> HaComponent:
+    """High availability with the Kubernetes registry (:mod:`mesh_identity.server.cluster`): the Lease election,
+    the replica's evidence, and on the leader the trust-bundle ConfigMaps and the root rotation driver; with
+    its own client (the registry's settings, requests cut at :data:`HA_REQUEST_TIMEOUT`)."""
+    settings = registry.settings
+    client = connect(dataclasses.replace(settings, timeout=min(settings.timeout, HA_REQUEST_TIMEOUT)))
+    component = HaComponent(service, client, settings, registry=registry, clock=service.clock)
+    service.add_component(component)
+    return component
 
 
 def attach_xds(service: Service, registry: WorkloadRegistry) -> XdsComponent:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import difflib
 import enum
 import os
+import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -275,6 +277,38 @@ def _reject_unknown(section: Mapping[str, Any], known: tuple[str, ...] | Mapping
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+DEFAULT_NAMESPACE = "mesh-identity-system"
+DEFAULT_LEASE = "mesh-identity-leader"
+_OBJECT_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"  # an RFC 1123 subdomain
+_LABEL_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"  # an RFC 1123 label (a namespace's name)
+
+
+def default_namespace(path: Path = NAMESPACE_FILE) -> str:
+    """The control plane's own namespace: the pod's (from its service-account mount), else ``mesh-identity-system``."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return DEFAULT_NAMESPACE
+    return text or DEFAULT_NAMESPACE
+
+
+def default_identity(environ: Mapping[str, str] | None = None) -> str:
+    """This replica's name in leader election: ``POD_NAME`` (the Deployment sets it from ``metadata.name``), else
+    the host name, lowercased."""
+    env = os.environ if environ is None else environ
+    return (env.get("POD_NAME") or socket.gethostname()).strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderElectionConfig:
+    """``registry.leader_election``: the Lease the replicas elect a leader with, and this replica's name in it
+    ("" here: :func:`default_identity` when used)."""
+
+    lease_name: str = DEFAULT_LEASE
+    identity: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class RegistryConfig:
     """Where the workloads come from when not from a mesh file (``registry``): the Kubernetes API."""
@@ -283,9 +317,38 @@ class RegistryConfig:
     kubeconfig: Path | None = None  # None: the in-cluster service-account config
     timeout: timedelta = timedelta(seconds=10)  # one API request (a watch stream: beyond its own duration)
     kind: str = "kubernetes"
+    namespace: str = DEFAULT_NAMESPACE  # the control plane's own namespace: its Leases (and the CA's Secret)
+    leader_election: LeaderElectionConfig = field(default_factory=LeaderElectionConfig)
 
 
-_REGISTRY_FIELDS = ("kind", "mesh_name", "kubeconfig", "in_cluster", "timeout")
+_REGISTRY_FIELDS = ("kind", "mesh_name", "kubeconfig", "in_cluster", "timeout", "namespace", "leader_election")
+_LEADER_FIELDS = ("lease_name", "identity")
+
+
+def _object_name(value: Any, path: str, *, label: bool = False) -> str:
+    """A Kubernetes object name (a DNS-1123 label with ``label``: a namespace's), or ConfigError naming ``path``."""
+    text = _string(value, path)
+    if len(text) > (63 if label else 253) or not re.fullmatch(_LABEL_NAME if label else _OBJECT_NAME, text):
+        what = "a namespace name (lowercase letters, digits and '-'; 63 at most)" if label else "an object name"
+        raise ConfigError(
+            f"{path}: {shown(text)} is not {what} (alphanumeric at both ends, also '.' in an object name)"
+        )
+    return text
+
+
+def _leader_election(value: Any) -> LeaderElectionConfig:
+    raw = _mapping(value if value is not None else {}, "registry.leader_election")
+    _reject_unknown(raw, _LEADER_FIELDS, "registry.leader_election.")
+    lease = _object_name(raw.get("lease_name", DEFAULT_LEASE), "registry.leader_election.lease_name")
+    identity = raw.get("identity")
+    if identity is None:
+        identity = default_identity()
+        path = "registry.leader_election.identity (default: POD_NAME, else the host name)"
+    else:
+        path = "registry.leader_election.identity"
+    return LeaderElectionConfig(lease, _object_name(identity, path))
+
+
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -312,7 +375,14 @@ def _registry(value: Any, base_dir: Path) -> RegistryConfig | None:
     if in_cluster == ("kubeconfig" in raw):
         raise ConfigError("registry: give either kubeconfig: FILE or in_cluster: true (the pod's service account)")
     kubeconfig = base_dir / _string(raw["kubeconfig"], "registry.kubeconfig") if "kubeconfig" in raw else None
-    return RegistryConfig(name, kubeconfig, _positive(raw.get("timeout", "10s"), "registry.timeout"))
+    namespace = raw.get("namespace")
+    return RegistryConfig(
+        name,
+        kubeconfig,
+        _positive(raw.get("timeout", "10s"), "registry.timeout"),
+        namespace=_object_name(namespace, "registry.namespace", label=True) if namespace else default_namespace(),
+        leader_election=_leader_election(raw.get("leader_election")),
+    )
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Config:

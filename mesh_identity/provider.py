@@ -246,6 +246,10 @@ class CAProvider(abc.ABC):
         may be called from another thread, and until :meth:`close`."""
         del changed
 
+    def reload(self) -> None:  # noqa: B027 - optional hook with a no-op default
+        """Read the CA's state again (after :meth:`watch_state` reported a change another process made); a
+        provider that keeps no state of its own has nothing to read."""
+
     def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Release connections and background tasks."""
 

@@ -371,6 +371,36 @@ class RootRotation:
                 text += f"; taken without {_names(given_up)}, still on the old root ({_why(override)})"
             return text
 
+    def follow(self) -> str | None:
+        """Apply a step another replica took (its provider has just been reloaded from the shared CA state):
+        serve the provider's bundle and, when the root that signs is no longer the one this replica's
+        certificates chain to (an activation elsewhere), obtain a new intermediate from it and renew every
+        identity, as :meth:`activate` does. Each replica keeps its own intermediate. Returns what was done
+        (None: nothing had changed)."""
+        with self._lock:
+            bundle = self.authority.refresh_bundle()
+            done: list[str] = []
+            if self.engine.publish_bundle():
+                done.append(f"serving the trust bundle of {_plural(len(bundle.authorities), 'root', 'roots')}")
+            expected = _signing_root_of(bundle, self.phase())
+            if expected is None:
+                return "; ".join(done) or None
+            signing = self.authority.signing_ca
+            top = _top(signing.certificate, signing.chain) if signing is not None else None
+            if top is not None and root_of(top, bundle.authorities) != expected:
+                if self.engine.rotate_intermediate("root-rotation"):
+                    done.append("a new intermediate from the signing root")
+                else:
+                    done.append("the new intermediate could not be obtained yet (retried with backoff)")
+            leaves = self._leaves_by_root(bundle.authorities)
+            stale = [spiffe_id for root, ids in leaves.items() if root != expected for spiffe_id in ids]
+            if stale:
+                summary = self.engine.rotate_all("root-rotation")
+                done.append(f"{_plural(summary.rotated, 'identity', 'identities')} renewed from the signing root")
+                if summary.failed:
+                    done.append(f"{_plural(len(summary.failed), 'identity', 'identities')} retried with backoff")
+            return "; ".join(done) or None
+
     def _check_override(
         self, step: str, blocking: tuple[str, ...] | None, override: StepOverride | None
     ) -> StepOverride:
@@ -427,6 +457,19 @@ def _newest(bundle: TrustBundle) -> Fingerprint:
     return fingerprint_of(ranked[1])
 
 
+def _signing_root_of(bundle: TrustBundle, phase: str) -> Fingerprint | None:
+    """The root the provider signs with in ``phase``: the newest once activated, the other one while prepared,
+    the only one when steady; None when the bundle does not say (more roots than the phase explains)."""
+    if phase == "activated":
+        return _newest(bundle)
+    if len(bundle.authorities) == 1:
+        return fingerprint_of(bundle.authorities[0])
+    if phase == "prepared" and len(bundle.authorities) == 2:
+        newest = _newest(bundle)
+        return next(fp for fp in map(fingerprint_of, bundle.authorities) if fp != newest)
+    return None
+
+
 def _aki(cert: x509.Certificate) -> bytes:
     try:
         return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b""
@@ -456,4 +499,3 @@ def _names(items: Iterable[str]) -> str:
     names = list(items)
     shown = ", ".join(names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-

@@ -50,6 +50,13 @@ class Component(Protocol):
     def stop(self) -> object: ...
 
 
+class RootStepper(Protocol):
+    """Who takes the admin endpoint's root-rotation steps when it is not this service alone (HA: the leader's
+    :class:`~mesh_identity.server.cluster.HaComponent`, which refuses them on a follower)."""
+
+    def root_step(self, step: RootStep, override: StepOverride | None = None) -> str: ...
+
+
 class Fanout:
     """An event sink that forwards to several; one that raises is logged and skipped."""
 
@@ -95,6 +102,7 @@ class Service:
         self._components: list[Component] = []
         self._started: list[Component] = []
         self._registry_started = False
+        self.root_stepper: RootStepper | None = None
 
     # -- composition ---------------------------------------------------------------------------------------
 
@@ -208,6 +216,8 @@ class Service:
         return self.snapshot().to_json()
 
     def root_step(self, step: RootStep, override: StepOverride | None = None) -> str:
+        if self.root_stepper is not None:
+            return self.root_stepper.root_step(step, override)
         message = self.roots.step(step, override)
         log.info("root rotation: %s", message)
         return message

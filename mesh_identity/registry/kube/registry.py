@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from mesh_identity.clock import Clock, utcnow
 from mesh_identity.config import RegistryConfig
@@ -83,6 +83,8 @@ class KubernetesRegistry(PublishedRegistry):
         self._event_errors: set[str] = set()
         self.refusals: tuple[Refusal, ...] = ()
         self.events_written = 0
+        self._namespace_subscribers: list[Callable[[frozenset[str]], None]] = []
+        self._namespaces_told: frozenset[str] | None = None
 
     # -- WorkloadRegistry
     def describe(self) -> str:
@@ -144,6 +146,40 @@ class KubernetesRegistry(PublishedRegistry):
         """The current error of each watch that has one, by kind."""
         return {str(r): str(w.error) for r, w in self.watches.items() if w.error is not None}
 
+    # -- the monitored namespaces (the trust-bundle ConfigMaps follow them: registry/kube/bundles.py)
+    def namespaces(self) -> frozenset[str] | None:
+        """The names of the namespaces labelled for the mesh, as last seen; None until they are listed."""
+        watch = self.watches[NAMESPACES]
+        if not watch.synced:
+            return None
+        return frozenset(name for _, name in watch.objects())
+
+    def subscribe_namespaces(self, callback: Callable[[frozenset[str]], None]) -> Callable[[], None]:
+        """Call ``callback(names)`` (from the registry's thread; it must be quick) whenever the set of monitored
+        namespaces changes, and once they are first listed; returns a function that unsubscribes."""
+        with self._cond:
+            self._namespace_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._cond:
+                if callback in self._namespace_subscribers:
+                    self._namespace_subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _tell_namespaces(self) -> None:
+        names = self.namespaces()
+        if names is None or names == self._namespaces_told:
+            return
+        self._namespaces_told = names
+        with self._cond:
+            subscribers = tuple(self._namespace_subscribers)
+        for callback in subscribers:
+            try:
+                callback(names)
+            except Exception:
+                log.exception("kubernetes: a subscriber of the monitored namespaces failed")
+
     # -- the translating thread
     def _changed(self) -> None:
         with self._cond:
@@ -163,6 +199,7 @@ class KubernetesRegistry(PublishedRegistry):
                 log.exception("kubernetes: translating the API's objects failed; keeping the last good mesh")
 
     def _refresh(self) -> None:
+        self._tell_namespaces()
         if not all(watch.synced for watch in self.watches.values()):
             return
         snapshot = Snapshot({resource: watch.objects() for resource, watch in self.watches.items()})
