@@ -52,10 +52,16 @@ def http_manager(
     return listener_components_pb2.Filter(name=HCM, typed_config=pack(manager))
 
 
-def tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter:
-    return listener_components_pb2.Filter(
-        name=TCP_PROXY, typed_config=pack(tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster))
-    )
+CONNECT_ATTEMPTS = 3  # an outbound TCP connection tries this many endpoints before it gives up
+
+
+def tcp_proxy(stat_prefix: str, cluster: str, *, outbound: bool = False) -> listener_components_pb2.Filter:
+    """``tcp_proxy`` to ``cluster``; ``outbound``: a failed connect tries another endpoint (see
+    :data:`CONNECT_ATTEMPTS`, and :mod:`xds_sds.resources.routes` for why)."""
+    config = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    if outbound:
+        config.max_connect_attempts.value = CONNECT_ATTEMPTS
+    return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(config))
 
 
 def tcp_proxy_weighted(stat_prefix: str, weights: Sequence[tuple[str, int]]) -> listener_components_pb2.Filter:
@@ -66,9 +72,9 @@ def tcp_proxy_weighted(stat_prefix: str, weights: Sequence[tuple[str, int]]) -> 
             for cluster, weight in weights
         ]
     )
-    return listener_components_pb2.Filter(
-        name=TCP_PROXY, typed_config=pack(tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, weighted_clusters=split))
-    )
+    config = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, weighted_clusters=split)
+    config.max_connect_attempts.value = CONNECT_ATTEMPTS  # only outbound traffic is split
+    return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(config))
 
 
 def listener(

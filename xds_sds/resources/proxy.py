@@ -143,12 +143,12 @@ def build_proxy(
         weights = [(names.outbound(b.service), b.weight) for b in upstream.backends if b.weight > 0]
         if http:
             if len(weights) == 1:
-                out[ROUTE][name] = routes.to_cluster(name, weights[0][0])
+                out[ROUTE][name] = routes.to_cluster(name, weights[0][0], retries=True)
             else:
-                out[ROUTE][name] = routes.to_weighted_clusters(name, weights)
+                out[ROUTE][name] = routes.to_weighted_clusters(name, weights, retries=True)
             front = [listeners.http_manager(name, name, inbound=False)]
         elif len(weights) == 1:
-            front = [listeners.tcp_proxy(name, weights[0][0])]
+            front = [listeners.tcp_proxy(name, weights[0][0], outbound=True)]
         else:
             front = [listeners.tcp_proxy_weighted(name, weights)]
         out[LISTENER][name] = listeners.listener(name, upstream.listen, front)
