@@ -40,7 +40,9 @@ uses (its app's target port, :data:`INBOUND_PORT`) or that an earlier upstream o
 that upstream out, with a note. The access policy is still enforced where it belongs, at the destination's
 inbound RBAC; the upstreams only decide which listeners and clusters a sidecar gets.
 
-Refused objects (a Service whose pods run as several ServiceAccounts, a UDP port, a target port
+Refused objects (a Service whose pods run as several ServiceAccounts, a Service of another protocol than the
+earlier Services of its pods' account (SMI rules are per protocol: such an identity could have no valid
+TrafficTarget and would be open to the whole mesh), a UDP port, a target port
 that is the sidecar's inbound port; a pod of an unknown ServiceAccount; SMI objects, see :mod:`.smi`) are
 :class:`~mesh_identity.registry.kube.objects.Refusal` values the registry logs and writes Events for.
 """
@@ -186,6 +188,7 @@ def build_services(
             slices.setdefault((namespace, owner), []).append(obj)
     services: dict[str, Service] = {}
     service_ports: dict[str, int | None] = {}
+    protocol_of: dict[SpiffeId, tuple[str, Protocol]] = {}  # the first Service of each identity, and its protocol
     root_ports: dict[str, tuple[Protocol, int | None]] = {}
     owner_of: dict[Key, str] = {}
     for (namespace, name), obj in sorted(snapshot.of(SERVICES).items()):
@@ -250,6 +253,18 @@ def build_services(
             identity = SpiffeId.for_kubernetes(trust_domain, namespace, accounts[0])
         except InvalidSpiffeIdError as err:
             notes.append(f"Service {namespace}/{name}: {err}; left out")
+            continue
+        first = protocol_of.setdefault(identity, (f"Service {namespace}/{name}", _protocol(port)))
+        if first[1] is not _protocol(port):
+            refusals.append(
+                Refusal(
+                    ref,
+                    "MixedProtocols",
+                    f"Service {namespace}/{name} is {_protocol(port)}, but its pods' service account {accounts[0]} "
+                    f"already serves {first[1]} ({first[0]}); an identity serves one protocol in the mesh (its "
+                    "TrafficTargets' rules are of that protocol): it is left out",
+                )
+            )
             continue
         instances = []
         for pod, address, number in members:
@@ -328,6 +343,14 @@ def add_upstreams(
         else:
             callable_by[name] = frozenset(callers)
     order = sorted(callable_by, key=lambda n: (policy.split_of(n) is None, n))
+    # what each identity may call, in that order, from one pass over the policy (not every service against every
+    # target: that was most of the time of a translation at 300 services, bench/kube_registry.py)
+    open_to_all = [target for target in order if callable_by[target] is None]
+    rank = {target: i for i, target in enumerate(order)}
+    callable_of: dict[SpiffeId, list[str]] = {}
+    for target in order:
+        for source in callable_by[target] or ():
+            callable_of.setdefault(source, []).append(target)
     out: dict[str, Service] = {}
     for name, service in services.items():
         if not service.instances:
@@ -338,9 +361,9 @@ def add_upstreams(
             if instance.app is not None:
                 taken[instance.app.port] = "the app's port"
         upstreams = []
-        for target in order:
-            allowed = callable_by[target]
-            if target == name or (allowed is not None and service.identity not in allowed):
+        mine = callable_of.get(service.identity, [])
+        for target in sorted([*open_to_all, *mine], key=rank.__getitem__) if open_to_all else mine:
+            if target == name:
                 continue
             port = ports[target]
             assert port is not None

@@ -363,3 +363,20 @@ def test_a_pod_that_no_service_lists_is_a_client_only_sidecar_of_its_identity() 
     assert batch.endpoints == ()
     assert _upstreams(mesh, "batch.shop.serviceaccount") == [("api.shop", 80)]
     assert mesh.node_identity("batch-7.shop") == batch.identity
+
+
+def test_a_service_of_another_protocol_than_its_accounts_other_services_is_refused() -> None:
+    world = World()
+    world.workload("api", ip="10.0.0.2")
+    world.workload("api-grpc", account="api", ip="10.0.0.3", port_spec={"name": "tcp", "port": 90, "targetPort": 9090})
+    world.workload("web", ip="10.0.0.1")
+    _allow(world, "web-calls", "api", "web")
+    result = world.translate()
+    assert [r.message for r in result.refusals] == [
+        "Service shop/api-grpc is tcp, but its pods' service account api already serves http (Service shop/api); an "
+        "identity serves one protocol in the mesh (its TrafficTargets' rules are of that protocol): it is left out"
+    ]
+    assert "api-grpc.shop" not in result.mesh.services
+    api = SpiffeId.for_kubernetes(TD, "shop", "api")
+    (allowed,) = result.mesh.policy.access_to(api) or ()  # the TrafficTarget holds: api is not open to all
+    assert allowed.name == "web-calls"
