@@ -47,7 +47,9 @@ def test_demo_agent_runs_a_minute_with_keys_only_on_the_node(tmp_path: Path) -> 
     assert re.match(
         r"^frontend -> backend -> ratings +\d+ +0 +backend: spiffe://demo\.mesh/ns/shop/sa/frontend$", lines[last]
     )
-    refused = max(i for i, line in enumerate(lines) if re.match(r"batch -> backend +\d+ +\d+ ", line))  # not the traffic table
+    refused = max(
+        i for i, line in enumerate(lines) if re.match(r"batch -> backend +\d+ +\d+ ", line)
+    )  # not the traffic table
     assert re.match(
         r"^batch -> backend +[1-9]\d* +0 +backend: refused batch \(403 RBAC: access denied\)$", lines[refused]
     )

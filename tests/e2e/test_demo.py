@@ -71,7 +71,9 @@ def test_demo_runs_a_minute_without_a_failed_request_and_with_rotations(tmp_path
     )
     assert re.match(r"^ +ratings(-v2)?: spiffe://demo\.mesh/ns/shop/sa/backend$", lines[last + 1])
     # the policies: batch is refused by backend's sidecar every time; ratings' traffic is split 80/20
-    refused = max(i for i, line in enumerate(lines) if re.match(r"batch -> backend +\d+ +\d+ ", line))  # not the traffic table
+    refused = max(
+        i for i, line in enumerate(lines) if re.match(r"batch -> backend +\d+ +\d+ ", line)
+    )  # not the traffic table
     assert re.match(
         r"^batch -> backend +[1-9]\d* +0 +backend: refused batch \(403 RBAC: access denied\)$", lines[refused]
     )

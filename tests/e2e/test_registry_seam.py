@@ -174,10 +174,7 @@ def test_a_node_rebound_to_another_identity_gets_only_the_new_identitys_resource
         with running.sidecar(API, "api") as new:
             wait_until(lambda: api_serial in new.cert_serials(API), "api's SVID in the new sidecar")
             assert new.cert_serials(WEB) == set()
-            clusters = {
-                c["cluster"]["name"]
-                for c in new.config_dump("dynamic_active_clusters")["configs"]
-            }
+            clusters = {c["cluster"]["name"] for c in new.config_dump("dynamic_active_clusters")["configs"]}
             assert local_app("api") in clusters and local_app("web") not in clusters
             served = running.xds.cache.get(NODE, SECRET).resources
             assert str(API) in served and str(WEB) not in served

@@ -56,4 +56,3 @@ def test_the_installed_wheel_runs_the_demo_on_its_shipped_mesh(tmp_path: Path) -
     out = run(venv / "bin" / "mesh-identity", "demo", "--duration", "20", "--envoy", ENVOY, cwd=tmp_path)
     assert "result: ok" in out, out
     assert "mesh ready" in out
-

@@ -155,7 +155,10 @@ def test_a_killed_leader_is_replaced_after_the_lease_expires(
     (old, new), *more = takeovers(ha_cluster)
     assert not more and old.holder == first.identity and new.holder == second.identity
     gap = (spec_time(new, "acquireTime") - spec_time(old, "renewTime")).total_seconds()
-    assert FAST.duration <= gap <= FAST.duration + FAST.retry_period + 0.3, gap  # + the requests' own time
+    # The lower bound is the safety property. The upper one is a sanity bound, not a speed target: a contender
+    # retries every retry period, plus the requests' own time on a loaded machine; one that waited for a second
+    # lease duration (2 s more) still fails it.
+    assert FAST.duration <= gap <= FAST.duration + 2 * FAST.retry_period + 0.75, gap
     assert new.obj["spec"]["leaseTransitions"] == 1
     assert_no_split_brain(ha_cluster, group)
 

@@ -27,6 +27,7 @@ def config(registry: Any, **more: Any) -> Any:
 
 def test_a_kubeconfig_or_the_pods_service_account() -> None:
     with_file = config({"kind": "kubernetes", "mesh_name": "demo", "kubeconfig": "kube/config", "timeout": "3s"})
+
     def basics(registry: RegistryConfig) -> tuple[str, Path | None, timedelta]:
         return registry.mesh_name, registry.kubeconfig, registry.timeout  # leader election: tests/ha/test_config.py
 
