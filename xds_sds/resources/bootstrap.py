@@ -36,6 +36,13 @@ update of a ConfigMap volume: kubelet writes the new payload into a new hidden d
 (``tests/e2e/test_kubelet_volume.py``). Nothing of ours renews that file: :func:`renew_bootstrap_bundle` leaves
 such a bootstrap alone.
 
+Given ``standby_xds`` (the other replicas of an HA control plane, :mod:`mesh_identity.server.cluster`), the xDS
+cluster lists them too: ``xds`` at priority 0, the standbys at priority 1, with a TCP health check (connect only,
+every second; one failure marks a host down, one success up again). The stream goes to ``xds`` while it is up;
+when it is down (a replica killed), Envoy's priority failover sends the reconnecting stream to a standby, as a
+Kubernetes Service in front of the replicas would. Without ``standby_xds`` the cluster is as before: ``xds``
+alone, no health check.
+
 Given ``stats`` (the instance's ``stats`` address in the mesh file), either bootstrap also gets the sidecar's
 Prometheus endpoint: a static listener there that serves ``GET /stats/prometheus`` from the admin through a
 static cluster, the tag extraction of the labelled stat names, and stats flushed when scraped
@@ -47,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +66,7 @@ from envoy.config.core.v3 import (
     base_pb2,
     config_source_pb2,
     grpc_service_pb2,
+    health_check_pb2,
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -66,7 +75,7 @@ from envoy.extensions.resource_monitors.downstream_connections.v3 import downstr
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
 from mesh_identity.files import owned_dir, write_private_at
 from mesh_identity.mesh.model import Address
@@ -117,6 +126,7 @@ def write_bootstrap(
     max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
     stats: Address | None = None,
     ca_dir: Path | None = None,
+    standby_xds: Sequence[Address] = (),
 ) -> BootstrapFiles:
     """Write the bootstrap of the sidecar ``node`` (of ``svid``'s identity) and its certificate files.
 
@@ -134,6 +144,8 @@ def write_bootstrap(
     :param ca_dir: verify the xDS server with the roots in ``<ca_dir>/ca.crt``, a mounted trust bundle ConfigMap
         that Envoy follows as kubelet updates it (see the module docstring), instead of ``svid``'s bundle. An
         absolute directory whose ``ca.crt`` holds a PEM certificate now; ValueError otherwise.
+    :param standby_xds: the addresses of the xDS server's other replicas, where the stream goes when ``xds`` is
+        down (see the module docstring).
     """
     admin = _loopback_admin(admin)
     if ca_dir is not None:
@@ -151,6 +163,7 @@ def write_bootstrap(
         admin=admin,
         delta=delta,
         max_connections=max_connections,
+        standby_xds=standby_xds,
     )
     if stats is not None:
         add_stats_endpoint(document, stats, admin)
@@ -305,11 +318,11 @@ def bootstrap(
     admin: Address,
     delta: bool = False,
     max_connections: int = MAX_DOWNSTREAM_CONNECTIONS,
+    standby_xds: Sequence[Address] = (),
 ) -> bootstrap_pb2.Bootstrap:
     """The bootstrap document (see :func:`write_bootstrap`)."""
-    return _document(
-        node, cluster, admin, [_xds_cluster(files, xds, server_identity)], delta=delta, max_connections=max_connections
-    )
+    static = [_xds_cluster(files, xds, server_identity, standby_xds)]
+    return _document(node, cluster, admin, static, delta=delta, max_connections=max_connections)
 
 
 def agent_bootstrap(
@@ -386,7 +399,9 @@ def _document(
     )
 
 
-def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId) -> cluster_pb2.Cluster:
+def _xds_cluster(
+    files: BootstrapFiles, xds: Address, server_identity: SpiffeId, standby_xds: Sequence[Address] = ()
+) -> cluster_pb2.Cluster:
     watched = config_source_pb2.ConfigSource(
         path_config_source=config_source_pb2.PathConfigSource(
             path=str(files.certificate),
@@ -397,11 +412,32 @@ def _xds_cluster(files: BootstrapFiles, xds: Address, server_identity: SpiffeId)
     bundle_source = config_source_pb2.ConfigSource()
     bundle_source.CopyFrom(watched)
     bundle_source.path_config_source.path = str(files.bundle)
-    return _xds_cluster_over(
+    cluster = _xds_cluster_over(
         xds,
         server_identity,
         secret_pb2.SdsSecretConfig(name=CERT_SECRET_NAME, sds_config=watched),
         secret_pb2.SdsSecretConfig(name=BUNDLE_SECRET_NAME, sds_config=bundle_source),
+    )
+    if standby_xds:
+        _add_standbys(cluster, standby_xds)
+    return cluster
+
+
+def _add_standbys(cluster: cluster_pb2.Cluster, standby_xds: Sequence[Address]) -> None:
+    """The other replicas at priority 1, and the health check that moves the stream there (module docstring)."""
+    standby = clusters.load_assignment(XDS_CLUSTER, standby_xds).endpoints[0]
+    standby.priority = 1
+    cluster.load_assignment.endpoints.append(standby)
+    second = duration_pb2.Duration(seconds=1)
+    cluster.health_checks.append(
+        health_check_pb2.HealthCheck(
+            timeout=second,
+            interval=second,
+            no_traffic_interval=second,
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            healthy_threshold=wrappers_pb2.UInt32Value(value=1),
+            tcp_health_check=health_check_pb2.HealthCheck.TcpHealthCheck(),
+        )
     )
 
 
