@@ -10,6 +10,8 @@ touched, in chains of our own, so the rules are easy to read back (``iptables -t
                      -> MESH_IN_REDIRECT: REDIRECT --to-ports <inbound port>
     OUTPUT      -p tcp -> MESH_OUTBOUND
       MESH_OUTBOUND  -m owner --uid-owner <Envoy's UID>  RETURN      (Envoy's own traffic: never looped back)
+                     -m owner --uid-owner <each spared UID>  RETURN  (the node agent: it reaches the signing API
+                                                                      itself, over its own mTLS)
                      -o lo  RETURN                                     (loopback: the app and Envoy talk there)
                      --dport <each excluded outbound port>  RETURN
                      -d <each excluded outbound CIDR>  RETURN
@@ -54,10 +56,14 @@ class CaptureSettings:
     exclude_inbound_ports: tuple[int, ...] = DEFAULT_EXCLUDED_INBOUND
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
+    spared_uids: tuple[int, ...] = (AGENT_UID,)  # users whose outbound traffic is not captured
 
     def __post_init__(self) -> None:
         if not isinstance(self.proxy_uid, int) or isinstance(self.proxy_uid, bool) or not 1 <= self.proxy_uid < 2**31:
             raise ValueError(f"proxy_uid: {self.proxy_uid!r} is not a non-root user id")
+        for uid in self.spared_uids:
+            if not isinstance(uid, int) or isinstance(uid, bool) or not 1 <= uid < 2**31 or uid == self.proxy_uid:
+                raise ValueError(f"spared_uids: {uid!r} is not a non-root user id other than the proxy's")
         _port(self.inbound_port, "inbound_port")
         _port(self.outbound_port, "outbound_port")
         if self.inbound_port == self.outbound_port:
@@ -94,6 +100,8 @@ def capture_rules(settings: CaptureSettings) -> list[list[str]]:
     rules.append([*nat, "-A", "OUTPUT", "-p", "tcp", "-j", "MESH_OUTBOUND"])
     owner = ["-m", "owner", "--uid-owner", str(settings.proxy_uid)]
     rules.append([*nat, "-A", "MESH_OUTBOUND", "-p", "tcp", *owner, "-j", "RETURN"])
+    for uid in sorted(set(settings.spared_uids)):
+        rules.append([*nat, "-A", "MESH_OUTBOUND", "-p", "tcp", "-m", "owner", "--uid-owner", str(uid), "-j", "RETURN"])
     rules.append([*nat, "-A", "MESH_OUTBOUND", "-o", "lo", "-j", "RETURN"])
     for port in sorted(set(settings.exclude_outbound_ports)):
         rules.append([*nat, "-A", "MESH_OUTBOUND", "-p", "tcp", "--dport", str(port), "-j", "RETURN"])

@@ -27,6 +27,7 @@ def test_the_default_rules_capture_tcp_both_ways_and_spare_envoy_loopback_and_it
         "-A MESH_OUT_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
         "-A OUTPUT -p tcp -j MESH_OUTBOUND",
         "-A MESH_OUTBOUND -p tcp -m owner --uid-owner 1337 -j RETURN",
+        "-A MESH_OUTBOUND -p tcp -m owner --uid-owner 1338 -j RETURN",
         "-A MESH_OUTBOUND -o lo -j RETURN",
         "-A MESH_OUTBOUND -p tcp -j MESH_OUT_REDIRECT",
     ]
@@ -61,6 +62,8 @@ def test_the_shell_command_stops_at_the_first_failure_and_quotes_nothing_unsafe(
     [
         ({"proxy_uid": 0}, "proxy_uid: 0 is not a non-root user id"),
         ({"inbound_port": 0}, "inbound_port: 0 is not a port (1-65535)"),
+        ({"spared_uids": (1337,)}, "spared_uids: 1337 is not a non-root user id other than the proxy's"),
+        ({"spared_uids": (0,)}, "spared_uids: 0 is not a non-root user id other than the proxy's"),
         ({"outbound_port": 15003}, "inbound_port and outbound_port are both 15003"),
         ({"exclude_inbound_ports": (15003,)}, "exclude_inbound_ports: 15003 is the sidecar's inbound port itself"),
         ({"exclude_outbound_ports": (70000,)}, "exclude_outbound_ports: 70000 is not a port (1-65535)"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mesh_identity.inject.rules import (
+    AGENT_UID,
     INBOUND_PORT,
     OUTBOUND_PORT,
     PROXY_UID,
@@ -103,8 +104,9 @@ def test_outbound_is_redirected_to_the_capture_port_with_its_original_destinatio
     assert answer == f"a-outbound uid={PROXY_UID} local=127.0.0.1:{OUTBOUND_PORT} original_dst={pods.b.ip}:8080"
 
 
-def test_envoys_own_connection_is_not_redirected(pods: Pods) -> None:
-    assert connect(pods.a, pods.b.ip, 8080, PROXY_UID).startswith(f"b-app uid={PEER_UID} local={pods.b.ip}:8080 ")
+@pytest.mark.parametrize("uid", [PROXY_UID, AGENT_UID])
+def test_envoys_and_the_agents_own_connections_are_not_redirected(pods: Pods, uid: int) -> None:
+    assert connect(pods.a, pods.b.ip, 8080, uid).startswith(f"b-app uid={PEER_UID} local={pods.b.ip}:8080 ")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "own-ip"])
