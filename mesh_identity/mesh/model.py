@@ -118,6 +118,7 @@ class Service:
     protocol: Protocol
     instances: tuple[Instance, ...]
     upstreams: tuple[Upstream, ...] = ()
+    cluster_ip: Address | None = None  # the Kubernetes Service's ClusterIP and port; where captured traffic goes
 
     @property
     def endpoints(self) -> tuple[Address, ...]:

@@ -21,7 +21,8 @@ Service ``ns/name`` (its first    the mesh service ``<name>.<ns>`` with its pods
 port, TCP) and its EndpointSlices the port's ``appProtocol`` is ``tcp`` or its name is ``tcp`` or ``tcp-*``, else
 (``discovery.k8s.io/v1``)         http. Without a ready pod it is not in the mesh, unless it is the root of a
                                   TrafficSplit (then it has no instances: its callers reach the backends). A pod
-                                  serves one mesh service: the first by namespace and name that lists it
+                                  serves one mesh service: the first by namespace and name that lists it.
+                                  ``cluster_ip``: ``spec.clusterIP`` at the port (None when headless)
 SMI objects (TrafficTarget,       the policy, parsed and checked as the mesh file's (:mod:`.smi`); a TrafficSplit
 HTTPRouteGroup, TCPRoute,         names Services of its namespace
 TrafficSplit)
@@ -190,6 +191,7 @@ def build_services(
     service_ports: dict[str, int | None] = {}
     protocol_of: dict[SpiffeId, tuple[str, Protocol]] = {}  # the first Service of each identity, and its protocol
     root_ports: dict[str, tuple[Protocol, int | None]] = {}
+    root_ips: dict[str, Address | None] = {}
     owner_of: dict[Key, str] = {}
     for (namespace, name), obj in sorted(snapshot.of(SERVICES).items()):
         if namespace not in monitored or text(obj, "spec", "type") == "ExternalName":
@@ -212,6 +214,7 @@ def build_services(
             continue
         if mesh_name in roots:
             root_ports[mesh_name] = (_protocol(port), _port_number(port))
+            root_ips[mesh_name] = _cluster_ip(obj, port)
             continue
         members: list[tuple[_Pod, str, int]] = []
         for pod_name, address, number in _endpoints(slices.get((namespace, name), []), text(port, "name")):
@@ -271,15 +274,29 @@ def build_services(
             owner_of[(namespace, pod.name)] = f"Service {namespace}/{name}"
             node = f"{pod.name}.{namespace}"
             instances.append(Instance(node, Address(address, number), Address(address, INBOUND_PORT), pod.node))
-        services[mesh_name] = Service(mesh_name, identity, _protocol(port), tuple(instances))
+        services[mesh_name] = Service(
+            mesh_name, identity, _protocol(port), tuple(instances), (), _cluster_ip(obj, port)
+        )
         service_ports[mesh_name] = _port_number(port)
     for mesh_name, (protocol, root_port) in root_ports.items():
         backend = next((services[b] for b in roots[mesh_name] if b in services), None)
         if backend is not None:  # a root has no sidecar of its own; it needs an identity the mesh already has
-            services[mesh_name] = Service(mesh_name, backend.identity, protocol, ())
+            services[mesh_name] = Service(mesh_name, backend.identity, protocol, (), (), root_ips[mesh_name])
             service_ports[mesh_name] = root_port
     _add_client_only(pods, owner_of, services, trust_domain, notes)
     return services, service_ports, refusals, notes
+
+
+def _cluster_ip(obj: JsonObj, port: JsonObj) -> Address | None:
+    """``spec.clusterIP`` and ``spec.ports[0].port`` of a Service, or None (a headless Service: ``None``, or no IP)."""
+    ip, number = text(obj, "spec", "clusterIP"), _port_number(port)
+    if number is None or not ip or ip == "None":
+        return None
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return Address(ip, number)
 
 
 def _port_number(port: JsonObj) -> int | None:
@@ -374,7 +391,9 @@ def add_upstreams(
                 continue
             taken[port] = f"the upstream listener of {target}"
             upstreams.append(Upstream(target, port=port))
-        out[name] = Service(name, service.identity, service.protocol, service.instances, tuple(upstreams))
+        out[name] = Service(
+            name, service.identity, service.protocol, service.instances, tuple(upstreams), service.cluster_ip
+        )
     return out, notes
 
 
