@@ -33,6 +33,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mesh_identity.inject.review import Injector, InvalidReviewError
 
@@ -128,10 +129,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _error(self, code: int, message: str, **headers: str) -> None:
         self._reply(code, (message + "\n").encode(), **headers)
 
+    @property
+    def route(self) -> str:
+        """The request's path without its query (the API server calls ``/mutate?timeout=10s``)."""
+        return urlsplit(self.path).path
+
     def do_GET(self) -> None:
-        if self.path == HEALTH_PATH:
+        if self.route == HEALTH_PATH:
             self._reply(200, b"ok\n")
-        elif self.path == MUTATE_PATH:
+        elif self.route == MUTATE_PATH:
             self._error(405, f"{MUTATE_PATH} takes POST (an AdmissionReview)", Allow="POST")
         else:
             self._error(404, f"{self.path[:100]!r}: not found (the webhook serves POST {MUTATE_PATH})")
@@ -140,7 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()  # read before any answer: closing on an unread body would reset the connection
         if body is None:
             return
-        if self.path != MUTATE_PATH:
+        if self.route != MUTATE_PATH:
             self._error(404, f"{self.path[:100]!r}: not found (the webhook serves POST {MUTATE_PATH})")
             return
         kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -192,7 +198,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._not_allowed()
 
     def _not_allowed(self) -> None:
-        if self.path == MUTATE_PATH:
+        if self.route == MUTATE_PATH:
             self._error(405, f"{MUTATE_PATH} takes POST (an AdmissionReview)", Allow="POST")
         else:
             self._error(404, f"{self.path[:100]!r}: not found (the webhook serves POST {MUTATE_PATH})")

@@ -330,6 +330,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if request_verb == "watch":
                 watch.serve(self, route, params, record)  # records the request once the stream has opened
                 return
+            if request_verb == "create" and isinstance(body, dict):
+                body = owner.admit(user, route, body, params)  # admission (none by default): KubeServer.add_admission
             code, result = handle(owner.store, method, route, params, body, self.headers.get("Content-Type", ""))
             self._answer(record, code, result)
         except ApiError as err:

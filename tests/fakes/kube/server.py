@@ -15,7 +15,7 @@ import ssl
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +38,9 @@ from tests.pki import TestCa, key_pem
 
 DEFAULT_TOKEN = "mesh-identity-test-token"
 DEFAULT_USER = "system:serviceaccount:mesh-identity:mesh-identity"
+
+AdmissionStep = Callable[[str, Route, JsonObj, Mapping[str, str]], JsonObj]
+"""``step(user, route, obj, params)``, run on a create before the object is stored (:meth:`KubeServer.add_admission`)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class KubeServer:
         self.injected: list[InjectedError] = []
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_limit)
         self.token_reviews = TokenReviews()  # POST /apis/authentication.k8s.io/v1/tokenreviews
+        self.admission_steps: list[AdmissionStep] = []  # none by default: see add_admission
         self.down = False
         self._lock = threading.Lock()
         self._watching: list[Watcher] = []  # the open streams, in the order they opened
@@ -181,6 +185,23 @@ class KubeServer:
             if clash is not None:
                 raise ValueError(f"{kind.qualified} is already served as another kind: {clash}")
             self.store.add_kind(kind)
+
+    def add_admission(self, step: AdmissionStep) -> None:
+        """Run ``step(user, route, obj, params)`` on every create (POST) from now on, after authorization and
+        before the object is stored, in the order added (as admission plugins run): it returns the object to
+        store (``obj`` or a changed one) or raises :class:`ApiError` to refuse the request. The step runs in the
+        request's thread without the store's lock (it may call out, as webhooks do). None by default; see
+        :mod:`tests.fakes.kube.admission` for mutating webhooks."""
+        with self._lock:
+            self.admission_steps.append(step)
+
+    def admit(self, user: str, route: Route, obj: JsonObj, params: Mapping[str, str]) -> JsonObj:
+        """``obj`` after every admission step (used by the handler on a create)."""
+        with self._lock:
+            steps = list(self.admission_steps)
+        for step in steps:
+            obj = step(user, route, obj, params)
+        return obj
 
     # -- lifecycle
     def start(self) -> KubeServer:
