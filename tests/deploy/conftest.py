@@ -10,9 +10,7 @@ deselected, the reason in the header too.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import yaml
 from tests.fakes.kube import CONFIG_MAP, LEASE, NAMESPACE, SECRET, KubeServer
 from tests.fakes.kube.customresources import install_crds
 from tests.fakes.kube.deploykinds import deploy_kinds, schema_checked
+from tests.fakes.kube.kubectl import KUBECTL, Kubectl, kubectl_for
 from tests.fakes.kube.workloads import workload_kinds
 
 HERE = Path(__file__).parent
@@ -92,35 +91,15 @@ def api_server() -> Iterator[KubeServer]:
 
 # -- the real kubectl
 
-KUBECTL = shutil.which("kubectl")
 KUBECTL_TESTS = ("test_deploy_kubectl.py", "test_real_cluster.py")
 REAL_CLUSTER = os.environ.get("KUBECONFIG", "")
 REAL_CLUSTER_TESTS = "test_real_cluster.py"
-
-Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
-
-
-def kubectl_runner(environ: Mapping[str, str]) -> Kubectl:
-    """``run(*args, check=True, stdin=None)``: the real kubectl with ``environ`` (an AssertionError with its
-    stderr when it fails and ``check``)."""
-    assert KUBECTL is not None
-
-    def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [KUBECTL, *args], env=dict(environ), input=stdin, capture_output=True, text=True, timeout=120
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
-
-    return run
 
 
 @pytest.fixture
 def kubectl(api_server: KubeServer, tmp_path: Path) -> Kubectl:
     """The real kubectl against :func:`api_server`, as its admin."""
-    kubeconfig = api_server.write_kubeconfig(tmp_path / "kubeconfig", token=ADMIN_TOKEN)
-    return kubectl_runner({"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)})
+    return kubectl_for(api_server, tmp_path, token=ADMIN_TOKEN)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import CRDS, EXAMPLES, Kubectl, kubectl_runner, read_documents
+from tests.deploy.conftest import CRDS, EXAMPLES, read_documents
+from tests.fakes.kube.kubectl import Kubectl, kubectl_runner
 
 pytestmark = pytest.mark.integration
 

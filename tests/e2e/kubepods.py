@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,6 +48,7 @@ from tests.e2e.harness import Envoy
 from tests.fakes.kube import DEFAULT_KINDS, KubeServer
 from tests.fakes.kube.customresources import install_crds
 from tests.fakes.kube.endpointslices import EndpointSliceController
+from tests.fakes.kube.kubectl import kubectl_for
 from tests.fakes.kube.workloads import workload_kinds
 from tests.registry.kube.conftest import CRDS, Cluster
 from tests.waiting import wait_until
@@ -95,19 +95,13 @@ class Kubectl:
     def __init__(self, cluster: PodCluster, workdir: Path) -> None:
         if KUBECTL is None:
             raise RuntimeError("kubectl is not on the PATH")
-        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        kubeconfig = cluster.server.write_kubeconfig(workdir / "kubeconfig")
-        self.env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(workdir)}
+        self._run = kubectl_for(cluster.server, workdir)
         self._files = 0
 
     def __call__(self, *args: str) -> str:
         """Run ``kubectl *args``; its stdout (AssertionError, with stderr, when it fails)."""
-        assert KUBECTL is not None
-        done = subprocess.run([KUBECTL, *args], env=self.env, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done.stdout
+        return self._run(*args).stdout
 
     def apply(self, documents: Iterable[Mapping[str, Any]]) -> str:
         """Write ``documents`` to a YAML file and ``kubectl apply -f`` it."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ from mesh_identity.inject.review import Injector
 from mesh_identity.inject.server import WebhookServer
 from tests.fakes.kube import DEFAULT_KINDS, SECRET, ApiError, KubeServer
 from tests.fakes.kube.admission import MUTATING_WEBHOOK_CONFIGURATION, MutatingWebhooks, rules_match, selector_matcher
+from tests.fakes.kube.kubectl import kubectl_for
 from tests.fakes.kube.workloads import kind_named, schema_errors, workload_kinds
-from tests.inject.conftest import KUBECTL
 from tests.inject.kit import pod, settings
 from tests.pki import TestCa, key_pem
 
@@ -296,17 +294,7 @@ def test_an_unmapped_service_follows_the_failure_policy(setup: Setup) -> None:
 
 @pytest.fixture
 def kubectl(setup: Setup, tmp_path: Path) -> Any:
-    assert KUBECTL is not None
-    kubeconfig = setup.server.write_kubeconfig(tmp_path / "kubeconfig")
-    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
-        if check and done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
-
-    return run
+    return kubectl_for(setup.server, tmp_path)
 
 
 def test_kubectl_apply_of_a_pod_yields_an_injected_pod(setup: Setup, kubectl: Any, tmp_path: Path) -> None:

@@ -10,14 +10,13 @@ unknown fields refused), as the real server's strict field validation does.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.registry.kube.conftest import CRDS, EXAMPLES, KUBECTL, Cluster, Start
+from tests.fakes.kube.kubectl import kubectl_for
+from tests.registry.kube.conftest import CRDS, EXAMPLES, Cluster, Start
 
 
 @pytest.fixture
@@ -28,17 +27,7 @@ def install_shipped_crds() -> bool:
 @pytest.fixture
 def kubectl(cluster: Cluster, tmp_path: Path) -> Any:
     """``kubectl(*args)`` against the test server (which serves CustomResourceDefinitions, and no CRD yet)."""
-    assert KUBECTL is not None
-    kubeconfig = cluster.server.write_kubeconfig(tmp_path / "kubeconfig")
-    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
-        if check and done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
-
-    return run
+    return kubectl_for(cluster.server, tmp_path)
 
 
 def test_kubectl_applies_the_crds_and_examples_and_gets_them_back(kubectl: Any) -> None:
