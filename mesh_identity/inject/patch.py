@@ -37,13 +37,12 @@ from typing import Any
 
 from mesh_identity.errors import InvalidSpiffeIdError, MeshIdentityError
 from mesh_identity.inject.rules import (
-    ADMIN_PORT,
     AGENT_UID,
-    STATS_PORT,
     CaptureSettings,
     capture_rules,
     shell_command,
 )
+from mesh_identity.mesh.ports import ADMIN_PORT, STATS_PORT
 from mesh_identity.registry.kube.bundles import NAME as BUNDLE_CONFIG_MAP
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 

@@ -29,12 +29,11 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mesh_identity.mesh.ports import INBOUND_PORT, OUTBOUND_CAPTURE_PORT, STATS_PORT
+
 PROXY_UID = 1337  # Envoy's user (OSM's and Istio's choice)
 AGENT_UID = 1338  # the node agent's user in an injected pod
-INBOUND_PORT = 15003  # the sidecar's mTLS listener (mesh_identity.registry.kube.translate.INBOUND_PORT)
-OUTBOUND_PORT = 15001  # the sidecar's outbound capture listener (original_dst)
-ADMIN_PORT = 15000  # Envoy's admin, on loopback only
-STATS_PORT = 15090  # Envoy's Prometheus endpoint, scraped from outside the pod
+OUTBOUND_PORT = OUTBOUND_CAPTURE_PORT  # the port the outbound rules redirect to (mesh_identity.mesh.ports)
 DEFAULT_EXCLUDED_INBOUND = (STATS_PORT,)
 
 CHAINS = ("MESH_INBOUND", "MESH_IN_REDIRECT", "MESH_OUTBOUND", "MESH_OUT_REDIRECT")

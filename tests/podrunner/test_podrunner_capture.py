@@ -19,14 +19,13 @@ import pytest
 
 from mesh_identity.inject.rules import (
     AGENT_UID,
-    INBOUND_PORT,
     OUTBOUND_PORT,
     PROXY_UID,
-    STATS_PORT,
     CaptureSettings,
     capture_rules,
     shell_command,
 )
+from mesh_identity.mesh.ports import INBOUND_PORT, STATS_PORT
 from tests.fakes.kube.podrunner import Pod, PodNetwork
 
 PYTHON = os.path.realpath(sys.executable)

@@ -39,12 +39,12 @@ from google.protobuf import wrappers_pb2
 
 from mesh_identity.config import SecretSource
 from mesh_identity.mesh.model import Address, Mesh, Protocol
+from mesh_identity.mesh.ports import OUTBOUND_CAPTURE_PORT
 from xds_sds.protocol.typeurls import CLUSTER, LISTENER
 from xds_sds.resources import clusters, listeners, names
 from xds_sds.resources.packing import pack, socket_address
 from xds_sds.resources.proxy import ProxyView, Resources, UpstreamView, build_proxy, proxy_view
 
-OUTBOUND_CAPTURE_PORT = 15001  # where the pod's nat rules redirect its outbound TCP (plan: shared constant)
 CAPTURE_ADDRESS = Address("0.0.0.0", OUTBOUND_CAPTURE_PORT)  # noqa: S104 - the pod's own network namespace
 CAPTURE_LISTENER = "outbound-capture"
 PASSTHROUGH = "passthrough"  # the ORIGINAL_DST cluster of non-mesh destinations

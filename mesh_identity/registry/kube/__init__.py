@@ -14,8 +14,8 @@ The CRDs of the SMI kinds are in ``deploy/crds/``, examples in ``deploy/examples
 
 from __future__ import annotations
 
+from mesh_identity.mesh.ports import INBOUND_PORT
 from mesh_identity.registry.kube.registry import KubernetesRegistry
-from mesh_identity.registry.kube.translate import INBOUND_PORT
 from mesh_identity.registry.kube.watch import Backoff
 
 __all__ = ["INBOUND_PORT", "Backoff", "KubernetesRegistry"]

@@ -58,6 +58,7 @@ from types import MappingProxyType
 from mesh_identity.errors import InvalidSpiffeIdError
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.mesh.policy import Policy
+from mesh_identity.mesh.ports import INBOUND_PORT
 from mesh_identity.mesh.smi import parse_policy
 from mesh_identity.registry.base import validate_workloads
 from mesh_identity.registry.kube.objects import JsonObj, ObjectRef, Refusal, field, items, labels, text
@@ -75,7 +76,6 @@ from mesh_identity.registry.kube.resources import (
 from mesh_identity.registry.kube.smi import DocKey, closed_target, mesh_service_name, parser_document, settle
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 
-INBOUND_PORT = 15003  # the sidecar's mTLS port on the pod's IP (OSM's inbound listener port)
 Key = tuple[str, str]
 
 

@@ -12,6 +12,7 @@ import pytest
 from mesh_identity.errors import ConfigError
 from mesh_identity.mesh.model import Address, Protocol
 from mesh_identity.mesh.policy import TcpRule
+from mesh_identity.mesh.ports import INBOUND_PORT
 from mesh_identity.registry.kube.events import event_for
 from mesh_identity.registry.kube.objects import ObjectRef, Refusal
 from mesh_identity.registry.kube.resources import (
@@ -26,7 +27,7 @@ from mesh_identity.registry.kube.resources import (
     TRAFFIC_TARGETS,
     Resource,
 )
-from mesh_identity.registry.kube.translate import INBOUND_PORT, Snapshot, Translation, translate
+from mesh_identity.registry.kube.translate import Snapshot, Translation, translate
 from mesh_identity.spiffe import SpiffeId
 from tests.fakes.kube.workloads import SCHEMA_VERSIONS
 from tests.registry.kube.conftest import MESH, MONITORED, TD
