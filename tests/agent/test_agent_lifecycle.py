@@ -96,9 +96,10 @@ def test_an_identity_the_control_plane_refuses_is_reported_and_the_others_served
     entries = [(FRONTEND, ["unix:uid:0"]), (ELSEWHERE, ["unix:uid:0"])]  # elsewhere runs on node2, not here
     run = AgentRun(fresh_root, control_plane, entries).start(token=control_plane.token())
     try:
-        wait_until(lambda: ELSEWHERE in run.get("/healthz")[1], "the missing SVID in /healthz")
+        # before the refusal arrives, /healthz names the SVID as not issued yet; wait for the refusal itself
+        wait_until(lambda: "PERMISSION_DENIED" in run.get("/healthz")[1], "the refused SVID in /healthz")
         status, text = run.get("/healthz")
-        assert status == 503 and "PERMISSION_DENIED" in text
+        assert status == 503 and ELSEWHERE in text and "PERMISSION_DENIED" in text
         assert list(serials(run)) == [FRONTEND]
     finally:
         run.stop()
