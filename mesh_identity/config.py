@@ -30,6 +30,7 @@ from typing import Any
 from mesh_identity.document import read_yaml, shown
 from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError, InvalidSpiffeIdError
+from mesh_identity.injectconfig import InjectConfig, parse_inject
 from mesh_identity.keys import KeyType
 from mesh_identity.provider import Mode
 from mesh_identity.spiffe import SpiffeId, TrustDomain
@@ -64,6 +65,14 @@ class SecretSource(enum.StrEnum):
 
     CONTROL_PLANE = "control-plane"  # the control plane makes every key and sends it over SDS (OSM's, Consul's model)
     AGENT = "agent"  # a node agent makes the keys where the workload runs; SDS over a Unix socket (SPIRE's model)
+
+
+class Egress(enum.StrEnum):
+    """What a captured sidecar (an injected pod's) does with a connection to a destination that is no mesh
+    service's ClusterIP and port (``registry.egress``)."""
+
+    DENY = "deny"  # closed (the default: fail closed, like OSM without enableEgress)
+    PASSTHROUGH = "passthrough"  # sent on, unchanged and in plaintext, to where the app dialled
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,7 @@ class Config:
     signing: SigningConfig | None = None
     jwt: JwtConfig = field(default_factory=JwtConfig)
     registry: RegistryConfig | None = None  # another source of workloads than mesh_file: the Kubernetes API
+    inject: InjectConfig | None = None  # the sidecar injector (mesh_identity.injectconfig)
 
 
 # -- field parsers: each takes the value and its key path, returns the parsed value or raises ConfigError ----
@@ -180,7 +190,7 @@ _CA_FIELDS: dict[str, Callable[[Any, str], Any]] = {
 }
 _TOP_FIELDS = (
     "trust_domain", "state_dir", "ca", "metrics", "xds", "mesh_file", "plugins", "identities", "signing", "jwt",
-    "registry",
+    "registry", "inject",
 )  # fmt: skip
 _SECTION_FIELDS = {"metrics": ("listen", "admin_beyond_loopback"), "xds": ("listen", "ack_timeout", "secrets")}
 _SIGNING_FIELDS = ("listen", "attest_listen", "kubernetes", "max_csr_bytes")
@@ -319,9 +329,12 @@ class RegistryConfig:
     kind: str = "kubernetes"
     namespace: str = DEFAULT_NAMESPACE  # the control plane's own namespace: its Leases (and the CA's Secret)
     leader_election: LeaderElectionConfig = field(default_factory=LeaderElectionConfig)
+    egress: Egress = Egress.DENY  # an injected pod's sidecar, for a destination that is no mesh service
 
 
-_REGISTRY_FIELDS = ("kind", "mesh_name", "kubeconfig", "in_cluster", "timeout", "namespace", "leader_election")
+_REGISTRY_FIELDS = (
+    "kind", "mesh_name", "kubeconfig", "in_cluster", "timeout", "namespace", "leader_election", "egress",
+)  # fmt: skip
 _LEADER_FIELDS = ("lease_name", "identity")
 
 
@@ -382,7 +395,18 @@ def _registry(value: Any, base_dir: Path) -> RegistryConfig | None:
         _positive(raw.get("timeout", "10s"), "registry.timeout"),
         namespace=_object_name(namespace, "registry.namespace", label=True) if namespace else default_namespace(),
         leader_election=_leader_election(raw.get("leader_election")),
+        egress=_egress(raw.get("egress", "deny")),
     )
+
+
+def _egress(value: Any) -> Egress:
+    try:
+        return Egress(value)
+    except ValueError:
+        raise ConfigError(
+            f"registry.egress: {shown(value)} is not deny or passthrough (what an injected pod's sidecar does with a "
+            "connection to a destination outside the mesh)"
+        ) from None
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Config:
@@ -431,6 +455,18 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         raise ConfigError("registry: give either mesh_file or registry, not both (each says where the workloads are)")
     if secrets is SecretSource.AGENT and signing is None:
         raise ConfigError("xds.secrets: agent needs the signing section (signing.listen, signing.attest_listen)")
+    inject = parse_inject(data.get("inject"))
+    if inject is not None:
+        needs = [
+            (registry is None, "registry (kind: kubernetes): the injector serves a Kubernetes API server"),
+            (secrets is not SecretSource.AGENT, "xds.secrets: agent (the injected agent makes the keys in the pod)"),
+            (signing is None or signing.kubernetes is None, "signing.kubernetes (the agents present their pods' "
+             "service-account tokens)"),
+            (ca.mode is not Mode.INTERMEDIATE, "ca.mode: intermediate (the webhook's certificate is signed by it)"),
+        ]  # fmt: skip
+        for missing, what in needs:
+            if missing:
+                raise ConfigError(f"inject: needs {what}")
     return Config(
         trust_domain=trust_domain,
         state_dir=state_dir,
@@ -447,6 +483,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Confi
         signing=signing,
         jwt=_jwt(data.get("jwt")),
         registry=registry,
+        inject=inject,
     )
 
 

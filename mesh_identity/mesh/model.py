@@ -52,6 +52,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mesh_identity.config import Egress
 from mesh_identity.document import keys as _keys
 from mesh_identity.document import mapping as _mapping
 from mesh_identity.document import read_yaml, shown, workload_id
@@ -91,6 +92,8 @@ class Instance:
     host: str | None = None  # the host (node agent) it runs on; only that host's agent may obtain its identity
     stats: Address | None = None  # the sidecar's Prometheus endpoint (see xds_sds.resources.stats)
     access_log: str | None = None  # JSON access logs: "stdout" or an absolute file path; None: none
+    captured: bool = False  # the pod's traffic is redirected to the sidecar (an injected pod): it gets the
+    # outbound capture listener (xds_sds.resources.capture) instead of a listener per upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,7 @@ class Mesh:
     trust_domain: TrustDomain
     services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     policy: Policy = field(default_factory=Policy)
+    egress: Egress = Egress.DENY  # for captured sidecars only
 
     def service(self, name: str) -> Service:
         try:

@@ -3,6 +3,7 @@ a real Envoy's ``--mode validate`` of a bootstrap holding the listener and its c
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import socket
 import subprocess
@@ -23,12 +24,14 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import Message
 
-from mesh_identity.config import SecretSource
+from mesh_identity.config import Egress, SecretSource
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.mesh.policy import Backend, Policy, TrafficSplit
-from mesh_identity.registry.kube.resources import SERVICES
+from mesh_identity.registry.kube.resources import PODS, SERVICE_ACCOUNTS, SERVICES
+from mesh_identity.registry.kube.translate import Snapshot, translate
 from tests.e2e.harness import ENVOY, Envoy, free_port
 from tests.pki import TestCa
+from tests.registry.kube.conftest import MESH, TD
 from tests.registry.kube.test_kube_translate import World
 from xds_sds.protocol.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds_sds.resources import capture
@@ -42,6 +45,7 @@ from xds_sds.resources.capture import (
     capture_resources_of,
     cluster_ips,
     outbound_capture_listener,
+    sidecar_resources,
 )
 from xds_sds.resources.packing import pack, socket_address
 from xds_sds.resources.proxy import ProxyView, build_proxy, proxy_view
@@ -180,6 +184,52 @@ def test_capture_resources_add_to_build_proxy_and_change_nothing_of_it(
     assert capture_resources_of(_mesh(), "frontend-1", default, max_connection_age=age, secrets=secrets) == out
 
 
+def _captured_mesh(egress: Egress) -> Mesh:
+    mesh = _mesh()
+    frontend = mesh.services["frontend"]
+    instance = dataclasses.replace(frontend.instances[0], captured=True)
+    services = {**mesh.services, "frontend": dataclasses.replace(frontend, instances=(instance,))}
+    return dataclasses.replace(mesh, services=MappingProxyType(services), egress=egress)
+
+
+@pytest.mark.parametrize("egress", list(Egress))
+def test_a_captured_sidecar_is_served_the_capture_listener_with_the_mesh_egress_and_no_listener_per_upstream(
+    egress: Egress,
+) -> None:
+    mesh = _captured_mesh(egress)
+    found = mesh.instance("frontend-1")
+    assert found is not None
+    view = proxy_view(mesh, *found)
+    assert view.egress is egress and [u.cluster_ip for u in view.upstreams][:2] == [
+        Address("10.96.0.10", 80),
+        Address("10.96.0.11", 5432),
+    ]
+    served = sidecar_resources(view)
+    plain = build_proxy(view)
+    upstream_listeners = {f"outbound|{u.service}" for u in view.upstreams}
+    assert upstream_listeners <= set(plain[LISTENER])
+    assert set(served[LISTENER]) == set(plain[LISTENER]) - upstream_listeners | {CAPTURE_LISTENER}
+    assert served[LISTENER][CAPTURE_LISTENER] == outbound_capture_listener(view, cluster_ips(mesh), egress)
+    assert (PASSTHROUGH in served[CLUSTER]) is (egress is Egress.PASSTHROUGH)
+    for kind in (ROUTE, ENDPOINT):
+        assert served[kind] == plain[kind]
+    # a sidecar whose pod is not captured is served build_proxy's resources, whatever the mesh's egress
+    uncaptured = proxy_view(_mesh(), *found[:1], dataclasses.replace(found[1], captured=False))
+    assert uncaptured.egress is Egress.DENY
+    assert sidecar_resources(uncaptured) == build_proxy(uncaptured)
+
+
+def test_a_changed_cluster_ip_or_egress_changes_the_view_so_the_sidecar_is_rebuilt() -> None:
+    mesh = _captured_mesh(Egress.DENY)
+    found = mesh.instance("frontend-1")
+    assert found is not None
+    before = proxy_view(mesh, *found)
+    backend = dataclasses.replace(mesh.services["backend"], cluster_ip=Address("10.96.0.99", 80))
+    moved = dataclasses.replace(mesh, services=MappingProxyType({**mesh.services, "backend": backend}))
+    assert proxy_view(moved, *found) != before
+    assert proxy_view(dataclasses.replace(mesh, egress=Egress.PASSTHROUGH), *found) != before
+
+
 def test_passthrough_sends_other_destinations_to_the_original_dst_cluster_and_deny_has_no_default_chain() -> None:
     listener = _listener(CaptureDefault.PASSTHROUGH)
     [proxy] = listener.default_filter_chain.filters
@@ -218,7 +268,7 @@ def test_bad_inputs_are_refused_with_the_field_named() -> None:
         outbound_capture_listener(view, {"backend": Address("backend.shop", 80)}, CaptureDefault.DENY)
     with pytest.raises(ValueError, match=r"^upstreams\.backend\.cluster_ip: port 0 is out of range \(1-65535\)$"):
         outbound_capture_listener(view, {"backend": Address("10.96.0.10", 0)}, CaptureDefault.DENY)
-    with pytest.raises(ValueError, match=r"^default: 'allow' is not one of passthrough, deny$"):
+    with pytest.raises(ValueError, match=r"^default: 'allow' is not one of deny, passthrough$"):
         outbound_capture_listener(view, ips, "allow")  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="node 'nobody' is not a sidecar of the mesh"):
         capture_resources_of(_mesh(), "nobody", CaptureDefault.DENY)
@@ -243,6 +293,28 @@ def test_the_kubernetes_registry_fills_the_cluster_ip_from_the_service(
     if cluster_ip is not None:
         world.objects[SERVICES][("shop", "db")]["spec"]["clusterIP"] = cluster_ip
     assert world.translate().mesh.services["db.shop"].cluster_ip == expected
+
+
+@pytest.mark.parametrize(("annotation", "captured"), [("true", True), ("false", False), (None, False), ("yes", False)])
+def test_the_kubernetes_registry_marks_a_pod_the_injector_injected_as_captured(
+    annotation: str | None, captured: bool
+) -> None:
+    world = World()
+    world.workload("db")
+    world.add(SERVICE_ACCOUNTS, "shop", "batch")
+    world.add(
+        PODS, "shop", "batch-0",
+        spec={"serviceAccountName": "batch"}, status={"phase": "Running", "podIP": "10.0.0.9"},
+    )  # fmt: skip
+    if annotation is not None:
+        for name in ("db-0", "batch-0"):
+            world.objects[PODS][("shop", name)]["metadata"]["annotations"] = {"mesh-identity.io/injected": annotation}
+    mesh = world.translate().mesh
+    assert [i.captured for i in mesh.services["db.shop"].instances] == [captured]
+    assert [i.captured for i in mesh.services["batch.shop.serviceaccount"].instances] == [captured]  # client-only
+    assert mesh.egress is Egress.DENY
+    passing = translate(Snapshot(world.objects), MESH, TD, {}, Egress.PASSTHROUGH).mesh
+    assert passing.egress is Egress.PASSTHROUGH
 
 
 # -- a real Envoy ------------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ from xds_sds.protocol.server import (
 )
 from xds_sds.protocol.text import escaped
 from xds_sds.protocol.typeurls import KNOWN, SECRET, short_name
-from xds_sds.resources.proxy import ProxyView, Resources, build_proxy, proxy_views, secret_resources
+from xds_sds.resources.capture import sidecar_resources
+from xds_sds.resources.proxy import ProxyView, Resources, proxy_views, secret_resources
 from xds_sds.resources.secrets import bundle_roots_pem, tls_certificate_secret
 
 
@@ -207,7 +208,9 @@ class MeshPublisher:
             changed = [node for node, view in views.items() if self._views.get(node) != view]
             built: dict[str, Resources] = {}
             for node in changed:
-                built[node] = build_proxy(views[node], max_connection_age=self.max_connection_age, secrets=self.secrets)
+                built[node] = sidecar_resources(
+                    views[node], max_connection_age=self.max_connection_age, secrets=self.secrets
+                )
                 svid = self._svids.get(views[node].identity)
                 built[node][SECRET] = secret_resources(svid, self._bundle, self.secrets)
             now = self._clock()

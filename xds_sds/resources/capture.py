@@ -19,14 +19,18 @@ connection's local address, so the filter chains match on it:
   :data:`BLACKHOLE` (as Istio's ``virtualOutbound`` does): passing it on would connect to this listener again, as
   Envoy's UID (not redirected), and so on without end.
 
-:func:`capture_resources` is an opt-in path beside :func:`~xds_sds.resources.proxy.build_proxy`: the resources
-``build_proxy`` makes for the view, unchanged, plus the capture listener (and, with passthrough, the clusters
-:data:`PASSTHROUGH` and :data:`BLACKHOLE`). It is not wired into the xDS server yet.
+:func:`capture_resources` is the resources :func:`~xds_sds.resources.proxy.build_proxy` makes for the view,
+unchanged, plus the capture listener (and, with passthrough, the clusters :data:`PASSTHROUGH` and
+:data:`BLACKHOLE`). :func:`sidecar_resources` is what the xDS server serves each sidecar: ``build_proxy``'s
+resources for a sidecar whose traffic is not captured; for a captured one (an injected pod,
+:attr:`~mesh_identity.mesh.model.Instance.captured`), the capture resources with the mesh's egress choice
+(:attr:`~mesh_identity.mesh.model.Mesh.egress`), less the listener per upstream: its app reaches every upstream
+at the Service's ClusterIP, and a listener of Envoy's on ``<pod IP>:<port>`` could take a port the app itself
+binds.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from collections.abc import Mapping
 from datetime import timedelta
@@ -37,7 +41,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from google.protobuf import wrappers_pb2
 
-from mesh_identity.config import SecretSource
+from mesh_identity.config import Egress, SecretSource
 from mesh_identity.mesh.model import Address, Mesh, Protocol
 from mesh_identity.mesh.ports import OUTBOUND_CAPTURE_PORT
 from xds_sds.protocol.typeurls import CLUSTER, LISTENER
@@ -52,11 +56,8 @@ BLACKHOLE = "blackhole"  # a cluster without endpoints: its connections are clos
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
 
 
-class CaptureDefault(enum.StrEnum):
-    """What the capture listener does with a destination that is no upstream's ClusterIP and port."""
-
-    PASSTHROUGH = "passthrough"
-    DENY = "deny"
+CaptureDefault = Egress
+"""What the capture listener does with a destination that is no upstream's ClusterIP and port."""
 
 
 def cluster_ips(mesh: Mesh) -> dict[str, Address]:
@@ -193,3 +194,25 @@ def capture_resources_of(
         raise KeyError(f"node {node!r} is not a sidecar of the mesh")
     view = proxy_view(mesh, *found)
     return capture_resources(view, cluster_ips(mesh), default, max_connection_age=max_connection_age, secrets=secrets)
+
+
+def view_cluster_ips(view: ProxyView) -> dict[str, Address]:
+    """The ClusterIP and port of each upstream of ``view`` that has one, by service name."""
+    return {u.service: u.cluster_ip for u in view.upstreams if u.cluster_ip is not None}
+
+
+def sidecar_resources(
+    view: ProxyView,
+    *,
+    max_connection_age: timedelta | None = None,
+    secrets: SecretSource = SecretSource.CONTROL_PLANE,
+) -> Resources:
+    """What the xDS server serves the sidecar of ``view`` (see the module docstring)."""
+    if not view.instance.captured:
+        return build_proxy(view, max_connection_age=max_connection_age, secrets=secrets)
+    out = capture_resources(
+        view, view_cluster_ips(view), view.egress, max_connection_age=max_connection_age, secrets=secrets
+    )
+    for upstream in view.upstreams:
+        out[LISTENER].pop(names.outbound(upstream.service), None)
+    return out

@@ -28,7 +28,7 @@ from datetime import timedelta
 
 from google.protobuf.message import Message
 
-from mesh_identity.config import SecretSource
+from mesh_identity.config import Egress, SecretSource
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service
 from mesh_identity.mesh.policy import TOTAL_WEIGHT, TrafficTarget
 from mesh_identity.spiffe import SpiffeId
@@ -57,6 +57,7 @@ class UpstreamView:
     listen: Address
     protocol: Protocol
     backends: tuple[BackendView, ...]
+    cluster_ip: Address | None = None  # where a captured sidecar's app reaches it (Service.cluster_ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class ProxyView:
     instance: Instance
     access: tuple[TrafficTarget, ...] | None
     upstreams: tuple[UpstreamView, ...]
+    egress: Egress = Egress.DENY  # a captured sidecar's choice for destinations outside the mesh (Mesh.egress)
 
 
 def proxy_view(mesh: Mesh, service: Service, instance: Instance) -> ProxyView:
@@ -83,7 +85,9 @@ def proxy_view(mesh: Mesh, service: Service, instance: Instance) -> ProxyView:
             for name, weight in shares
             for backend in (mesh.service(name),)
         )
-        upstreams.append(UpstreamView(target.name, upstream.address_for(instance), target.protocol, backends))
+        upstreams.append(
+            UpstreamView(target.name, upstream.address_for(instance), target.protocol, backends, target.cluster_ip)
+        )
     return ProxyView(
         service.name,
         service.identity,
@@ -91,6 +95,7 @@ def proxy_view(mesh: Mesh, service: Service, instance: Instance) -> ProxyView:
         instance,
         mesh.policy.access_to(service.identity),
         tuple(upstreams),
+        mesh.egress if instance.captured else Egress.DENY,
     )
 
 

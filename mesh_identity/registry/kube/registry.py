@@ -204,7 +204,9 @@ class KubernetesRegistry(PublishedRegistry):
             return
         snapshot = Snapshot({resource: watch.objects() for resource, watch in self.watches.items()})
         try:
-            result = translate(snapshot, self.settings.mesh_name, self.trust_domain, self._accepted)
+            result = translate(
+                snapshot, self.settings.mesh_name, self.trust_domain, self._accepted, self.settings.egress
+            )
         except ConfigError as err:
             log.error("kubernetes: the objects do not make a valid mesh, keeping the last good one: %s", err)
             return

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 MONITORED_BY = "mesh-identity.io/monitored-by"
 """The label of a Namespace of the mesh; its value is the mesh's name (``registry.mesh_name``)."""
+INJECTED = "mesh-identity.io/injected"
+"""The annotation the injector sets (``"true"``) on a pod it injected: its traffic is captured by its sidecar."""
 SERVICE_NAME = "kubernetes.io/service-name"
 """The label of an EndpointSlice naming the Service it belongs to."""
 COMPONENT = "mesh-identity"
@@ -47,6 +49,9 @@ EVENTS = Resource("Event", "events")
 SECRETS = Resource("Secret", "secrets")
 CONFIG_MAPS = Resource("ConfigMap", "configmaps")
 LEASES = Resource("Lease", "leases", "coordination.k8s.io")
+MUTATING_WEBHOOK_CONFIGURATIONS = Resource(
+    "MutatingWebhookConfiguration", "mutatingwebhookconfigurations", "admissionregistration.k8s.io", namespaced=False
+)
 
 SMI = (HTTP_ROUTE_GROUPS, TCP_ROUTES, TRAFFIC_TARGETS, TRAFFIC_SPLITS)
 WATCHED = (NAMESPACES, SERVICE_ACCOUNTS, PODS, SERVICES, ENDPOINT_SLICES, *SMI)

@@ -55,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from mesh_identity.config import Egress
 from mesh_identity.errors import InvalidSpiffeIdError
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.mesh.policy import Policy
@@ -64,6 +65,7 @@ from mesh_identity.registry.base import validate_workloads
 from mesh_identity.registry.kube.objects import JsonObj, ObjectRef, Refusal, field, items, labels, text
 from mesh_identity.registry.kube.resources import (
     ENDPOINT_SLICES,
+    INJECTED,
     MONITORED_BY,
     NAMESPACES,
     PODS,
@@ -104,6 +106,7 @@ class _Pod:
     ip: str
     service_account: str
     node: str | None
+    captured: bool = False  # injected (the webhook's marker annotation): its traffic is redirected to the sidecar
 
 
 def monitored_namespaces(snapshot: Snapshot, mesh_name: str) -> frozenset[str]:
@@ -142,7 +145,8 @@ def _running_pods(
                 )
             )
             continue
-        pods[(namespace, name)] = _Pod(namespace, name, ip, account, text(obj, "spec", "nodeName") or None)
+        captured = text(obj, "metadata", "annotations", INJECTED) == "true"
+        pods[(namespace, name)] = _Pod(namespace, name, ip, account, text(obj, "spec", "nodeName") or None, captured)
     return pods
 
 
@@ -273,7 +277,8 @@ def build_services(
         for pod, address, number in members:
             owner_of[(namespace, pod.name)] = f"Service {namespace}/{name}"
             node = f"{pod.name}.{namespace}"
-            instances.append(Instance(node, Address(address, number), Address(address, INBOUND_PORT), pod.node))
+            inbound = Address(address, INBOUND_PORT)
+            instances.append(Instance(node, Address(address, number), inbound, pod.node, captured=pod.captured))
         services[mesh_name] = Service(
             mesh_name, identity, _protocol(port), tuple(instances), (), _cluster_ip(obj, port)
         )
@@ -327,7 +332,10 @@ def _add_client_only(
             notes.append(f"ServiceAccount {namespace}/{account}: {err}; its pods are left out")
             continue
         name = client_only_name(account, namespace)
-        instances = tuple(Instance(f"{p.name}.{namespace}", None, Address(p.ip, INBOUND_PORT), p.node) for p in members)
+        instances = tuple(
+            Instance(f"{p.name}.{namespace}", None, Address(p.ip, INBOUND_PORT), p.node, captured=p.captured)
+            for p in members
+        )
         # it serves nothing: it takes the protocol of the account's Services, so that the policy checks (one
         # protocol per destination identity) do not refuse that account's TrafficTargets while a pod starts
         protocol = next((s.protocol for s in services.values() if s.identity == identity), Protocol.TCP)
@@ -398,7 +406,11 @@ def add_upstreams(
 
 
 def translate(
-    snapshot: Snapshot, mesh_name: str, trust_domain: TrustDomain, previous: Mapping[DocKey, JsonObj]
+    snapshot: Snapshot,
+    mesh_name: str,
+    trust_domain: TrustDomain,
+    previous: Mapping[DocKey, JsonObj],
+    egress: Egress = Egress.DENY,
 ) -> Translation:
     """The mesh of ``snapshot``, validated as a registry publishes it (see the module docstring); ``previous``
     holds the SMI objects of the last accepted policy. ConfigError (the caller keeps its last good mesh) only
@@ -425,7 +437,7 @@ def translate(
         )
         services, left_out = add_upstreams(services, ports, policy)
         notes.extend(left_out)
-        mesh = Mesh(trust_domain, MappingProxyType(services), policy)
+        mesh = Mesh(trust_domain, MappingProxyType(services), policy, egress)
         validate_workloads(mesh, trust_domain)
         found["last"] = (refusals, notes)
         return mesh
