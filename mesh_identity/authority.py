@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,6 +39,21 @@ from mesh_identity.svid import TrustBundle, X509Svid, certs_pem, fingerprint_of,
 from mesh_identity.verify import chain_problem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCertificate:
+    """A TLS serving certificate (:meth:`Authority.issue_serving`): the leaf, the intermediates above it, its key
+    and the bundle that verifies it."""
+
+    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    private_key: PrivateKey
+    bundle: TrustBundle
+
+    @property
+    def chain_pem(self) -> bytes:
+        return certs_pem((self.leaf, *self.chain))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +262,41 @@ class Authority:
             )
         )
         return svid
+
+    def issue_serving(
+        self, names: Sequence[str], ttl: timedelta, *, requested_by: str = "injector"
+    ) -> ServingCertificate:
+        """A TLS serving certificate for ``names`` (DNS names, IP addresses), with a key generated here, signed by
+        this authority's intermediate (``intermediate`` mode only: an upstream CA in per-workload mode signs
+        SVIDs alone), never past the intermediate's NotAfter. For the control plane's own HTTPS servers, such as the
+        injector's admission webhook."""
+        if self.settings.mode is not Mode.INTERMEDIATE:
+            raise IssuanceError(
+                f"a serving certificate is signed by the authority's own intermediate: ca.mode {self.settings.mode} "
+                "has none (use ca.mode intermediate)"
+            )
+        if ttl <= timedelta(0):
+            raise IssuanceError(f"TTL {ttl} is not positive")
+        signing = self._signing
+        if signing is None:
+            raise IssuanceError("the authority has not started: no signing intermediate yet")
+        key = generate_key(self.settings.key_type)
+        now = self.clock()
+        ttl = min(ttl, signing.signer.not_after - now)  # it ends with its issuer at the latest
+        leaf = signing.signer.sign_server(key.public_key(), names, ttl, now)
+        self.events.emit(
+            CertificateIssued(
+                subject=", ".join(names),
+                kind=CertKind.SERVING,
+                serial=serial_of(leaf),
+                fingerprint=fingerprint_of(leaf),
+                not_after=leaf.not_valid_after_utc,
+                provider=self.provider.name,
+                requested_by=requested_by,
+                at=now,
+            )
+        )
+        return ServingCertificate(leaf, signing.path, key, self._bundle or signing.bundle)
 
     def _check_workload(
         self, signed: SignedCertificate, public_key: PublicKey, spiffe_id: SpiffeId

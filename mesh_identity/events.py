@@ -15,6 +15,7 @@ class CertKind(enum.StrEnum):
     WORKLOAD = "workload"
     INTERMEDIATE = "intermediate"
     ROOT = "root"
+    SERVING = "serving"  # a TLS serving certificate of the control plane's own (the injector's webhook)
 
 
 class Severity(enum.StrEnum):

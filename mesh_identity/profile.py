@@ -7,7 +7,10 @@ SKI/AKI, a 128-bit random serial, NotBefore backdated for clock skew, NotAfter n
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -272,6 +275,69 @@ class LeafSigner:
             .add_extension(self._aki, critical=False)
         )
         return builder.sign(self.issuer_key, self._hash)
+
+
+    def sign_server(
+        self, public_key: PublicKey, names: Sequence[str], ttl: timedelta, now: datetime
+    ) -> x509.Certificate:
+        """A TLS server certificate (not an X.509-SVID) for ``names``: DNS names and IP addresses, each a SAN of its
+        kind, EKU serverAuth only, so its key cannot pass for a mesh client. IssuanceError naming a bad name."""
+        sans = server_names(names)
+        not_after = now + ttl
+        if not_after > self._not_after_limit:
+            raise IssuanceError(
+                f"TTL {ttl} for the serving certificate of {names[0]} would end at {not_after:%Y-%m-%dT%H:%M:%SZ}, "
+                f"past the issuing CA's NotAfter {self._not_after_limit:%Y-%m-%dT%H:%M:%SZ}"
+            )
+        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(self._subject)
+            .issuer_name(self._issuer_name)
+            .public_key(public_key)
+            .serial_number(random_serial())
+            .not_valid_before(max(now - CLOCK_SKEW, self._not_before_limit))
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(self._bc, critical=True)
+            .add_extension(self._ku[is_rsa], critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki, critical=False)
+        )
+        return builder.sign(self.issuer_key, self._hash)
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_SERVER_NAMES = 16
+
+
+def server_names(names: Sequence[str]) -> list[x509.GeneralName]:
+    """The SANs of a serving certificate for ``names`` (DNS names, lowercase, no wildcard; or IP addresses);
+    IssuanceError naming the first bad one."""
+    if isinstance(names, str) or not names:
+        raise IssuanceError("a serving certificate needs at least one DNS name or IP address")
+    if len(names) > MAX_SERVER_NAMES:
+        raise IssuanceError(f"a serving certificate holds at most {MAX_SERVER_NAMES} names, not {len(names)}")
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise IssuanceError(f"server name {name!r} is not a string")
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            continue
+        except ValueError:
+            pass
+        labels = name.split(".")
+        if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+            raise IssuanceError(
+                f"server name {name!r} is not a DNS name (lowercase letters, digits and '-' in dot-separated labels, "
+                "no wildcard) or an IP address"
+            )
+        sans.append(x509.DNSName(name))
+    if len(set(sans)) != len(sans):
+        raise IssuanceError(f"server names {list(names)} list a name twice")
+    return sans
 
 
 def _leaf_key_usage(is_rsa: bool) -> x509.KeyUsage:

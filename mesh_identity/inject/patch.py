@@ -44,13 +44,14 @@ from mesh_identity.inject.rules import (
 )
 from mesh_identity.mesh.ports import ADMIN_PORT, STATS_PORT
 from mesh_identity.registry.kube.bundles import NAME as BUNDLE_CONFIG_MAP
+from mesh_identity.registry.kube.resources import INJECTED as RESOURCES_INJECTED
 from mesh_identity.spiffe import SpiffeId, TrustDomain
 
 JsonObj = dict[str, Any]
 
 PREFIX = "mesh-identity.io/"
 INJECT = PREFIX + "inject"  # "false": the pod is not injected
-INJECTED = PREFIX + "injected"  # "true": the marker of an injected pod
+INJECTED = RESOURCES_INJECTED  # "true": the marker of an injected pod (the registry reads it too)
 EXCLUDE_OUTBOUND_PORTS = PREFIX + "exclude-outbound-ports"
 EXCLUDE_INBOUND_PORTS = PREFIX + "exclude-inbound-ports"
 EXCLUDE_OUTBOUND_IP_RANGES = PREFIX + "exclude-outbound-ip-ranges"
@@ -104,6 +105,7 @@ class Workload:
     pod_name: str  # metadata.name, else metadata.generateName without its trailing '-'
     service_account: str
     spiffe_id: SpiffeId
+    app_uids: tuple[int, ...] = ()  # the app containers' runAsUser, where the pod names one
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +321,15 @@ def workload(pod: Mapping[str, Any], namespace: str, trust_domain: TrustDomain) 
         identity = SpiffeId.for_kubernetes(trust_domain, namespace, account)
     except InvalidSpiffeIdError as err:
         raise InjectError(f"spec.serviceAccountName: {err}") from None
-    return Workload(namespace, name, account, identity)
+    pod_user = _member(pod["spec"], "securityContext").get("runAsUser")
+    uids = set()
+    for container in pod["spec"].get("containers") or ():
+        if not isinstance(container, Mapping):
+            continue
+        user = _member(container, "securityContext").get("runAsUser", pod_user)
+        if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**31:
+            uids.add(user)
+    return Workload(namespace, name, account, identity, tuple(sorted(uids)))
 
 
 # -- what is added ---------------------------------------------------------------------------------------------
@@ -355,7 +365,13 @@ def _containers(settings: InjectSettings, capture: CaptureSettings) -> tuple[Jso
     envoy = {
         "name": ENVOY_CONTAINER,
         "image": settings.envoy_image,
-        "command": ["envoy", "-c", ENVOY_BOOTSTRAP_FILE],
+        # the node id is the registry's <pod>.<namespace>, known only once the pod has its name (a pod made from
+        # generateName gets it after admission): Envoy takes it from the command line, expanded by the kubelet
+        "command": ["envoy", "-c", ENVOY_BOOTSTRAP_FILE, "--service-node", "$(POD_NAME).$(POD_NAMESPACE)"],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+        ],
         "ports": [
             {"name": "mi-inbound", "containerPort": capture.inbound_port, "protocol": "TCP"},
             {"name": "mi-stats", "containerPort": STATS_PORT, "protocol": "TCP"},
@@ -382,6 +398,10 @@ def _containers(settings: InjectSettings, capture: CaptureSettings) -> tuple[Jso
         ],
     }
     return init, envoy, agent
+
+
+def _field_env(name: str, path: str) -> JsonObj:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
 def _copy(value: Mapping[str, Mapping[str, str]]) -> JsonObj:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 MAX_UID = 128
+OUTCOMES = (
+    "injected", "unmonitored", "host-network", "opted-out", "already-injected", "failed-denied", "failed-allowed",
+    "malformed", "error",
+)  # fmt: skip
 
 
 class InvalidReviewError(MeshIdentityError, ValueError):
@@ -169,15 +174,29 @@ class Injector:
 
     settings: InjectSettings
     monitored: Callable[[str], bool] | None = None
+    observe: Callable[[str, float], None] | None = None  # (outcome, seconds) of each review: the metrics
 
     def answer(self, request: AdmissionRequest) -> Answer:
         """The decision on a well formed request (see the module docstring)."""
         return self._decide(request)[0]
 
     def review(self, document: Any) -> JsonObj:
-        """The AdmissionReview answering ``document``; InvalidReviewError if it is malformed."""
-        request = parse_review(document)
-        return self.answer(request).review(request.uid)
+        """The AdmissionReview answering ``document``; InvalidReviewError if it is malformed. The outcome (one
+        of :data:`OUTCOMES`) goes to ``observe``."""
+        started = time.perf_counter()
+        outcome = "malformed"
+        try:
+            request = parse_review(document)
+            answer, outcome = self._decide(request)
+            return answer.review(request.uid)
+        except InvalidReviewError:
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if self.observe is not None:
+                self.observe(outcome, time.perf_counter() - started)
 
     def _decide(self, request: AdmissionRequest) -> tuple[Answer, str]:
         pod = request.pod

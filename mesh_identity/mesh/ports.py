@@ -7,3 +7,4 @@ INBOUND_PORT = 15003  # the sidecar's mTLS listener on the pod's IP (OSM's inbou
 OUTBOUND_CAPTURE_PORT = 15001  # the sidecar's outbound capture listener (original_dst): captured outbound lands here
 ADMIN_PORT = 15000  # Envoy's admin, on loopback only
 STATS_PORT = 15090  # Envoy's Prometheus endpoint, scraped from outside the pod
+AGENT_HEALTH_PORT = 15021  # the node agent's /healthz and /metrics in an injected pod, on loopback only

@@ -106,7 +106,13 @@ def test_envoy_and_the_agent_run_as_their_own_users_without_privileges_and_with_
         assert context["capabilities"] == {"drop": ["ALL"]}
         assert set(container["resources"]["requests"]) == {"cpu", "memory"}
     envoy = _container(patched, "mesh-identity-envoy")
-    assert envoy["command"] == ["envoy", "-c", "/var/run/mesh-identity/config/envoy.json"]
+    assert envoy["command"] == [
+        "envoy", "-c", "/var/run/mesh-identity/config/envoy.json", "--service-node", "$(POD_NAME).$(POD_NAMESPACE)"
+    ]  # fmt: skip
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in envoy["env"]} == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
     assert {port["containerPort"] for port in envoy["ports"]} == {15003, 15090}
 
 

@@ -52,6 +52,7 @@ static cluster, the tag extraction of the labelled stat names, and stats flushed
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import Sequence
@@ -472,13 +473,22 @@ def _xds_cluster_over(
     )
     cluster = cluster_pb2.Cluster(
         name=XDS_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,
+        # an IP address, or a DNS name (an injected pod's: the control plane's Service) resolved by Envoy
+        type=cluster_pb2.Cluster.STATIC if _is_ip(xds.host) else cluster_pb2.Cluster.LOGICAL_DNS,
         connect_timeout=clusters.CONNECT_TIMEOUT,
         load_assignment=clusters.load_assignment(XDS_CLUSTER, [xds]),
         transport_socket=base_pb2.TransportSocket(name=TRANSPORT_SOCKET, typed_config=pack(tls_context)),
     )
     cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
     return cluster
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _agent_cluster(socket: Path) -> cluster_pb2.Cluster:
