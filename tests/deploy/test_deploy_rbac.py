@@ -52,6 +52,7 @@ API_GROUPS = {
     "DiscoveryV1Api": "discovery.k8s.io",
     "CoordinationV1Api": "coordination.k8s.io",
     "AuthenticationV1Api": "authentication.k8s.io",
+    "AdmissionregistrationV1Api": "admissionregistration.k8s.io",
 }
 VERBS = {"read": "get", "list": "list", "create": "create", "replace": "update", "patch": "patch", "delete": "delete"}
 OWN_NAMESPACE = {("", "secrets"), ("coordination.k8s.io", "leases")}  # the Secret store's and the Lease's
@@ -96,6 +97,8 @@ def called_grants() -> set[Grant]:
     product = [p for d in ("mesh_identity", "providers", "xds_sds", "plugins") for p in (ROOT / d).rglob("*.py")]
     if any("watch_secret(" in p.read_text() for p in product if p.name != "client.py"):
         watched.add(resources.SECRETS)
+    if any("watch_webhook_configuration(" in p.read_text() for p in product if p.name != "client.py"):
+        watched.add(resources.MUTATING_WEBHOOK_CONFIGURATIONS)
     needed |= {(r.group, r.plural, "watch") for r in watched}
     return needed
 

@@ -3,8 +3,9 @@
 :func:`connect` configures a client from the pod's service account or a kubeconfig file (nothing is contacted
 yet); :class:`KubeClient` lists a kind across all namespaces (pages of :data:`PAGE` objects), opens watch
 streams (:class:`WatchStream`: resumed from a resourceVersion, with bookmarks, ended by the server after the
-seconds asked), and creates Events. Every ``kubernetes``/``urllib3`` exception becomes one of
-:mod:`mesh_identity.registry.kube.errors`, naming what the call tried to do.
+seconds asked), reads, creates and replaces single objects (:meth:`KubeClient.read`, ...: namespaced ones, and
+the injector's cluster-scoped MutatingWebhookConfiguration), and creates Events. Every ``kubernetes``/``urllib3``
+exception becomes one of :mod:`mesh_identity.registry.kube.errors`, naming what the call tried to do.
 
 Answers are read here, not by the client's models (``_preload_content=False``): a body is parsed as JSON and
 checked to be a list of objects, and each line of a watch stream to be one event, so an answer of another shape
@@ -47,7 +48,13 @@ from mesh_identity.registry.kube.errors import (
     MalformedAnswerError,
 )
 from mesh_identity.registry.kube.objects import JsonObj
-from mesh_identity.registry.kube.resources import CONFIG_MAPS, LEASES, SECRETS, Resource
+from mesh_identity.registry.kube.resources import (
+    CONFIG_MAPS,
+    LEASES,
+    MUTATING_WEBHOOK_CONFIGURATIONS,
+    SECRETS,
+    Resource,
+)
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PAGE = 500  # objects per list request
@@ -212,6 +219,7 @@ class KubeClient:
         self._discovery = kubernetes.client.DiscoveryV1Api(api)
         self._custom = kubernetes.client.CustomObjectsApi(api)
         self._coordination = kubernetes.client.CoordinationV1Api(api)
+        self._admission = kubernetes.client.AdmissionregistrationV1Api(api)
 
     def close(self) -> None:
         cast(Any, self.api).close()
@@ -225,6 +233,10 @@ class KubeClient:
             ("", "services"): self._core.list_service_for_all_namespaces,
             ("discovery.k8s.io", "endpointslices"): self._discovery.list_endpoint_slice_for_all_namespaces,
             ("", "configmaps"): self._core.list_config_map_for_all_namespaces,
+            (
+                "admissionregistration.k8s.io",
+                "mutatingwebhookconfigurations",
+            ): self._admission.list_mutating_webhook_configuration,
         }
         found = calls.get((resource.group, resource.plural))
         if found is not None:
@@ -285,11 +297,11 @@ class KubeClient:
         what = f"create an Event in namespace {namespace}"
         self._body(what, self._core.create_namespaced_event, namespace=namespace, body=body)
 
-    # -- single namespaced objects: Secrets, ConfigMaps, Leases
+    # -- single objects: Secrets, ConfigMaps, Leases (namespaced), MutatingWebhookConfigurations (cluster-scoped)
 
     def _calls(self, resource: Resource) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-        """The client's read, create and replace calls of a namespaced object of ``resource``."""
-        core, coordination = self._core, self._coordination
+        """The client's read, create and replace calls of an object of ``resource``."""
+        core, coordination, admission = self._core, self._coordination, self._admission
         calls: dict[Resource, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
             SECRETS: (core.read_namespaced_secret, core.create_namespaced_secret, core.replace_namespaced_secret),
             CONFIG_MAPS: (
@@ -302,16 +314,33 @@ class KubeClient:
                 coordination.create_namespaced_lease,
                 coordination.replace_namespaced_lease,
             ),
+            MUTATING_WEBHOOK_CONFIGURATIONS: (
+                admission.read_mutating_webhook_configuration,
+                admission.create_mutating_webhook_configuration,
+                admission.replace_mutating_webhook_configuration,
+            ),
         }
         if resource not in calls:
             raise ValueError(f"{resource} is not a kind KubeClient reads one by one")
         return calls[resource]
 
+    @staticmethod
+    def _scope(resource: Resource, namespace: str, name: str) -> tuple[str, dict[str, str]]:
+        """How ``name`` is shown in messages (``namespace/name``, or ``name`` for a cluster-scoped kind), and the
+        namespace argument of the client's calls (none for a cluster-scoped kind, whose ``namespace`` must be "")."""
+        if resource.namespaced:
+            return f"{namespace}/{name}", {"namespace": namespace}
+        if namespace:
+            raise ValueError(f"{resource.kind} is cluster-scoped: no namespace is given ({namespace!r})")
+        return name, {}
+
     def read(self, resource: Resource, namespace: str, name: str) -> JsonObj | None:
-        """The object ``namespace/name`` of ``resource``, or None when it does not exist (404)."""
-        what = f"read {resource.kind} {namespace}/{name}"
+        """The object ``namespace/name`` of ``resource`` (``namespace`` "" for a cluster-scoped kind), or None
+        when it does not exist (404)."""
+        shown_name, scope = self._scope(resource, namespace, name)
+        what = f"read {resource.kind} {shown_name}"
         try:
-            data = self._body(what, self._calls(resource)[0], name=name, namespace=namespace)
+            data = self._body(what, self._calls(resource)[0], name=name, **scope)
         except KubeApiError as err:
             if err.code == 404:
                 return None
@@ -319,10 +348,12 @@ class KubeClient:
         return _parse(data, f"the answer to {what}")
 
     def create(self, resource: Resource, namespace: str, body: JsonObj) -> JsonObj:
-        """Create ``body`` in ``namespace``; :class:`KubeAlreadyExistsError` when its name is taken."""
+        """Create ``body`` in ``namespace`` ("" for a cluster-scoped kind); :class:`KubeAlreadyExistsError` when
+        its name is taken."""
         name = body.get("metadata", {}).get("name", "?")
-        what = f"create {resource.kind} {namespace}/{name}"
-        data = self._body(what, self._calls(resource)[1], namespace=namespace, body=body)
+        shown_name, scope = self._scope(resource, namespace, name)
+        what = f"create {resource.kind} {shown_name}"
+        data = self._body(what, self._calls(resource)[1], body=body, **scope)
         return _parse(data, f"the answer to {what}")
 
     def replace(self, resource: Resource, namespace: str, body: JsonObj) -> JsonObj:
@@ -330,10 +361,11 @@ class KubeClient:
         read at): :class:`KubeConflictError` when the object changed since, so no writer overwrites another."""
         metadata = body.get("metadata", {})
         name = metadata.get("name", "?")
+        shown_name, scope = self._scope(resource, namespace, name)
         if not metadata.get("resourceVersion"):
-            raise ValueError(f"replacing {resource.kind} {namespace}/{name} needs metadata.resourceVersion")
-        what = f"replace {resource.kind} {namespace}/{name} at resourceVersion {metadata['resourceVersion']}"
-        data = self._body(what, self._calls(resource)[2], name=name, namespace=namespace, body=body)
+            raise ValueError(f"replacing {resource.kind} {shown_name} needs metadata.resourceVersion")
+        what = f"replace {resource.kind} {shown_name} at resourceVersion {metadata['resourceVersion']}"
+        data = self._body(what, self._calls(resource)[2], name=name, body=body, **scope)
         return _parse(data, f"the answer to {what}")
 
     # -- Leases and ConfigMaps (leader election, replica evidence, the trust-bundle ConfigMaps: server/cluster.py)
@@ -381,22 +413,41 @@ class KubeClient:
         RBAC's ``resourceNames`` allows), with the list's resourceVersion for :meth:`watch_secret`."""
         what = f"list Secret {namespace}/{name}"
         call = self._core.list_namespaced_secret
-        listing = _parse(
-            self._body(what, call, namespace=namespace, field_selector=f"metadata.name={name}"),
-            f"the answer to {what}",
-        )
-        found, metadata = listing.get("items") or [], listing.get("metadata")
-        if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
-            raise MalformedAnswerError(f"the answer to {what}: items is not a list of objects")
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("resourceVersion"), str):
-            raise MalformedAnswerError(f"the answer to {what}: metadata.resourceVersion is missing")
-        return Listing(tuple(found), metadata["resourceVersion"])
+        return _named_listing(self._body(what, call, namespace=namespace, field_selector=f"metadata.name={name}"), what)
 
     def watch_secret(self, namespace: str, name: str, resource_version: str, seconds: int) -> WatchStream:
         """Open a watch of the one Secret ``namespace/name`` from ``resource_version`` (as :meth:`watch`)."""
         stream = SecretWatchStream(self, namespace, name, resource_version, seconds)
         stream.open()
         return stream
+
+    # -- the injector's MutatingWebhookConfiguration (one followed by name: mesh_identity/inject/webhookconfig.py)
+
+    def list_webhook_configuration(self, name: str) -> Listing:
+        """The MutatingWebhookConfiguration ``name`` as a list of at most one (``fieldSelector=metadata.name=
+        <name>``, which RBAC's ``resourceNames`` allows), with the list's resourceVersion for
+        :meth:`watch_webhook_configuration`."""
+        what = f"list MutatingWebhookConfiguration {name}"
+        call = self._admission.list_mutating_webhook_configuration
+        return _named_listing(self._body(what, call, field_selector=f"metadata.name={name}"), what)
+
+    def watch_webhook_configuration(self, name: str, resource_version: str, seconds: int) -> WatchStream:
+        """Open a watch of the one MutatingWebhookConfiguration ``name`` from ``resource_version`` (as
+        :meth:`watch`)."""
+        stream = WebhookConfigurationWatchStream(self, name, resource_version, seconds)
+        stream.open()
+        return stream
+
+
+def _named_listing(data: bytes, what: str) -> Listing:
+    """The answer to a list of one object by name (``fieldSelector=metadata.name=<name>``): at most one item."""
+    listing = _parse(data, f"the answer to {what}")
+    found, metadata = listing.get("items") or [], listing.get("metadata")
+    if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
+        raise MalformedAnswerError(f"the answer to {what}: items is not a list of objects")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("resourceVersion"), str):
+        raise MalformedAnswerError(f"the answer to {what}: metadata.resourceVersion is missing")
+    return Listing(tuple(found), metadata["resourceVersion"])
 
 
 class WatchStream:
@@ -516,6 +567,17 @@ class SecretWatchStream(WatchStream):
             raise translate_error(err, self._what, self._client.host) from err
         with self._lock:
             self._response = response
+
+
+class WebhookConfigurationWatchStream(WatchStream):
+    """The watch of one MutatingWebhookConfiguration (:meth:`KubeClient.watch_webhook_configuration`): with
+    ``fieldSelector=metadata.name=<name>``; otherwise a :class:`WatchStream`."""
+
+    def __init__(self, client: KubeClient, name: str, version: str, seconds: int) -> None:
+        super().__init__(client, MUTATING_WEBHOOK_CONFIGURATIONS, version, seconds, "")
+        self._what = f"watch MutatingWebhookConfiguration {name}"
+        self._kwargs.update(field_selector=f"metadata.name={name}")
+        del self._kwargs["label_selector"]
 
 
 def connect_for(
