@@ -21,23 +21,34 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from mesh_identity.assembly import build_authority, build_provider, build_service
 from mesh_identity.authority import Authority
 from mesh_identity.clock import Clock, utcnow
 from mesh_identity.config import Config, ListenConfig, SecretSource
+from mesh_identity.errors import ConfigError
+from mesh_identity.inject import patch as inject_patch
+from mesh_identity.inject.component import InjectorComponent, InjectorMetrics, ServingCertificates
+from mesh_identity.inject.patch import FailureMode, InjectSettings, SidecarDocuments, Workload
+from mesh_identity.inject.review import Injector
+from mesh_identity.inject.rules import CaptureSettings
+from mesh_identity.inject.webhookconfig import WebhookConfigurations, WebhookTarget, desired_configuration
 from mesh_identity.jwtkeys import JwtAuthority
 from mesh_identity.mesh.model import Address, Mesh
 from mesh_identity.provider import CAProvider, ProviderSpec
 from mesh_identity.registry.base import StaticRegistry, WorkloadRegistry
 from mesh_identity.registry.kube import KubernetesRegistry
+from mesh_identity.registry.kube.bundles import DATA_KEY as BUNDLE_KEY
 from mesh_identity.registry.kube.client import connect
 from mesh_identity.registry.meshfile import MeshFileRegistry
 from mesh_identity.server.cluster import HaComponent
 from mesh_identity.server.service import Service
 from plugins.manager import Plugins
 from xds_sds.mesh.component import XDS_ADDR, XdsComponent, connection_age, server_identity, xds_connection_age
+from xds_sds.mesh.injected import ControlPlaneAddresses, PodPaths, sidecar_documents
 from xds_sds.mesh.prober import SidecarProber, probe_interval, reload_grace
 from xds_sds.mesh.sidecars import SidecarDirs
 from xds_sds.mesh.targets import ScrapeTargets
@@ -72,6 +83,7 @@ class System:
     prober: SidecarProber | None = None
     signing: SigningComponent | None = None
     ha: HaComponent | None = None
+    injector: InjectorComponent | None = None
 
     def close(self) -> None:
         """Release the provider (a started service releases it when it stops)."""
@@ -151,6 +163,8 @@ def build(
             system.signing = attach_signing(service, registry)
         if isinstance(registry, KubernetesRegistry):
             system.ha = attach_ha(service, registry)
+            if config.inject is not None:
+                system.injector = attach_injector(service, registry, system.ha)
     return system
 
 
@@ -164,6 +178,91 @@ def attach_ha(service: Service, registry: KubernetesRegistry) -> HaComponent:
     settings = registry.settings
     client = connect(dataclasses.replace(settings, timeout=min(settings.timeout, HA_REQUEST_TIMEOUT)))
     component = HaComponent(service, client, settings, registry=registry, clock=service.clock)
+    service.add_component(component)
+    return component
+
+
+def injector_settings(config: Config) -> InjectSettings:
+    """What the webhook injects for ``config.inject``: the images, the capture exclusions, the failure mode, and
+    the sidecars' documents (:func:`xds_sds.mesh.injected.sidecar_documents`) for each pod. ConfigError naming
+    ``inject.capture`` for exclusions the capture rules refuse."""
+    inject = config.inject
+    assert inject is not None
+    addresses = ControlPlaneAddresses(
+        Address(inject.xds.host, inject.xds.port),
+        Address(inject.signing.host, inject.signing.port),
+        Address(inject.attest.host, inject.attest.port),
+    )
+    paths = PodPaths(
+        sds_socket=Path(inject_patch.SDS_SOCKET),
+        workload_socket=Path(inject_patch.WORKLOAD_SOCKET),
+        agent_state_dir=Path(inject_patch.AGENT_STATE_DIR) / "state",  # made by the agent: owned by its uid
+        token_file=Path(inject_patch.TOKEN_FILE),
+        bundle_file=Path(inject_patch.CA_DIR) / BUNDLE_KEY,
+    )
+
+    def documents(workload: Workload) -> SidecarDocuments:
+        bootstrap, agent = sidecar_documents(
+            config.trust_domain, addresses, paths, namespace=workload.namespace, pod_name=workload.pod_name,
+            service_account=workload.service_account, identity=workload.spiffe_id, app_uids=workload.app_uids,
+        )  # fmt: skip
+        return SidecarDocuments(bootstrap, agent)
+
+    try:
+        capture = CaptureSettings(
+            exclude_inbound_ports=inject.exclude_inbound_ports,
+            exclude_outbound_ports=inject.exclude_outbound_ports,
+            exclude_outbound_cidrs=inject.exclude_outbound_ip_ranges,
+        )
+    except ValueError as err:
+        raise ConfigError(f"inject.capture: {err}") from None
+    return InjectSettings(
+        trust_domain=config.trust_domain,
+        envoy_image=inject.envoy_image,
+        agent_image=inject.agent_image,
+        capture_image=inject.capture_image,
+        documents=documents,
+        capture=capture,
+        failure_mode=FailureMode(inject.failure_mode),
+    )
+
+
+def attach_injector(service: Service, registry: KubernetesRegistry, ha: HaComponent | None) -> InjectorComponent:
+    """The sidecar injector of ``service`` (``config.inject``, :mod:`mesh_identity.inject.component`): its serving
+    certificate in ``<state_dir>/injector``, the webhook server, and, written by the leader (``ha``), the
+    MutatingWebhookConfiguration with the trust bundle as its caBundle, over its own client."""
+    config = service.config
+    inject = config.inject
+    assert inject is not None
+    metrics = InjectorMetrics(service.metrics.registry)
+    certificates = ServingCertificates(
+        service.authority, inject.server_names, config.state_dir / "injector", ttl=inject.cert_ttl,
+        rotate_after=config.ca.rotate_after, clock=service.clock,
+        on_issued=lambda served: metrics.expiry.set(served.leaf.not_valid_after_utc.timestamp()),
+    )  # fmt: skip
+    injector = Injector(injector_settings(config), observe=metrics.observe)
+    if inject.service is not None:
+        target = WebhookTarget(inject.service.namespace, inject.service.name, inject.service.port)
+    else:
+        assert inject.url is not None
+        target = WebhookTarget(url=inject.url)
+    mesh_name = registry.settings.mesh_name
+    seconds = int(inject.timeout.total_seconds())
+
+    def desired(pem: str) -> dict[str, Any]:
+        return desired_configuration(
+            inject.webhook_name, mesh_name, target, pem, failure_policy=inject.failure_policy, timeout_seconds=seconds
+        )
+
+    settings = registry.settings
+    client = connect(dataclasses.replace(settings, timeout=min(settings.timeout, HA_REQUEST_TIMEOUT)))
+    webhooks = WebhookConfigurations(
+        client, inject.webhook_name, desired, is_leader=ha.is_leader if ha is not None else lambda: True
+    )
+    component = InjectorComponent(
+        certificates, injector, host=inject.listen.host, port=inject.listen.port, bundles=service.engine.bundles,
+        webhooks=webhooks,
+    )  # fmt: skip
     service.add_component(component)
     return component
 

@@ -236,7 +236,7 @@ def parse_inject(value: Any) -> InjectConfig | None:
         timeout=_duration(webhook.get("timeout", "10s"), "inject.webhook.timeout", timedelta(seconds=1),
                           timedelta(seconds=30)),
         failure_mode=_choice(raw.get("failure_mode", "deny"), "inject.failure_mode", FAILURE_MODES),
-        cert_ttl=_duration(raw.get("cert_ttl", "24h"), "inject.cert_ttl", timedelta(minutes=1)),
+        cert_ttl=_duration(raw.get("cert_ttl", "24h"), "inject.cert_ttl", timedelta(seconds=10)),
         envoy_image=_image(images.get("envoy", DEFAULT_ENVOY_IMAGE), "inject.images.envoy"),
         agent_image=agent_image,
         capture_image=_image(images.get("capture", agent_image), "inject.images.capture"),

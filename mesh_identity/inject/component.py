@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -93,6 +93,7 @@ class ServingCertificates:
         self.clock = clock
         self.on_issued = on_issued
         self.current: ServingCertificate | None = None
+        self._issued_at = datetime.min.replace(tzinfo=UTC)
         self.issued = 0  # certificates written
         self.last_error = ""
         self._stop = threading.Event()
@@ -108,6 +109,7 @@ class ServingCertificates:
 
     def renew(self) -> ServingCertificate:
         """Issue a certificate and write both files (the key first; each file replaced atomically)."""
+        issued_at = self.clock()
         served = self.authority.issue_serving(self.names, self.ttl)
         key = served.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -115,7 +117,7 @@ class ServingCertificates:
         ensure_private_dir(self.directory)
         write_private(self.key_file, key)
         write_private(self.cert_file, served.chain_pem, 0o644)
-        self.current = served
+        self.current, self._issued_at = served, issued_at
         self.issued += 1
         self.last_error = ""
         log.info(
@@ -135,7 +137,7 @@ class ServingCertificates:
         signing = self.authority.signing_ca
         if signing is not None and (not current.chain or current.chain[0] != signing.certificate):
             return True
-        start, end = current.leaf.not_valid_before_utc, current.leaf.not_valid_after_utc
+        start, end = self._issued_at, current.leaf.not_valid_after_utc  # NotBefore is backdated for clock skew
         return self.clock() >= start + (end - start) * self.rotate_after
 
     def start(self) -> None:

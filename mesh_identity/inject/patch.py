@@ -387,6 +387,7 @@ def _containers(settings: InjectSettings, capture: CaptureSettings) -> tuple[Jso
         "name": AGENT_CONTAINER,
         "image": settings.agent_image,
         "command": ["mesh-identity", "agent", "--config", AGENT_CONFIG_FILE],
+        "env": [{"name": "TMPDIR", "value": AGENT_STATE_DIR}],  # its private sockets: the root filesystem is read-only
         "securityContext": _restricted(AGENT_UID),
         "resources": _copy(settings.agent_resources),
         "volumeMounts": [

@@ -413,7 +413,8 @@ def test_a_new_bundle_updates_it(cluster: Cluster) -> None:
     writer.set_bundle((CA_1.pem() + CA_2.pem()).decode())  # a rotation's overlap: both CAs
     wait_until(lambda: in_sync(cluster, CA_1.pem() + CA_2.pem()), "both CAs in the caBundle", timeout=10)
     writer.set_bundle(CA_2.pem().decode())
-    wait_until(lambda: in_sync(cluster, CA_2.pem()), "the new CA alone", timeout=10)
+    # the writer counts a write once the server has answered it: wait for the count too, not only the object
+    wait_until(lambda: in_sync(cluster, CA_2.pem()) and writer.replaced == 2, "the new CA alone", timeout=10)
     assert writer.replaced == 2 and writer.created == 1
     assert [verb for verb, _ in cluster.writes()] == ["create", "update", "update"]
 
@@ -668,6 +669,6 @@ def test_a_service_target_and_a_serving_ca_rotation(cluster: Cluster, tmp_path: 
         serving_pair(CA_2, tmp_path)
         assert injected(created_pod(cluster, "shop", "web-2"))
         writer.set_bundle(CA_2.pem().decode())
-        wait_until(lambda: in_sync(cluster, CA_2.pem(), service), "the old CA retired", timeout=10)
+        wait_until(lambda: in_sync(cluster, CA_2.pem(), service) and writer.replaced == 2, "the old CA retired", 10)
         assert injected(created_pod(cluster, "shop", "web-3"))
         assert writer.replaced == 2

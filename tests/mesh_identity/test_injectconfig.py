@@ -110,7 +110,7 @@ def test_a_url_webhook_and_every_setting(tmp_path: Path) -> None:
         ({"inject__sidecars__xds": "a.b:0"}, "inject.sidecars.xds: 'a.b:0' is not HOST:PORT"),
         ({"inject__sidecars__attest": None}, "inject.sidecars.attest: required"),
         ({"inject__failure_mode": "ignore"}, "inject.failure_mode: 'ignore' is not one of deny, allow"),
-        ({"inject__cert_ttl": "10s"}, "inject.cert_ttl: '10s' is not at least"),
+        ({"inject__cert_ttl": "9s"}, "inject.cert_ttl: .9s. is not at least"),
         ({"inject__images": {"envoy": "envoy 1"}}, "inject.images.envoy: 'envoy 1' is not an image reference"),
         ({"inject__capture": {"exclude_outbound_ports": [0]}}, r"inject.capture.exclude_outbound_ports\[0\]: 0 is out"),
         (
