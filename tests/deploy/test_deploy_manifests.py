@@ -25,6 +25,7 @@ from tests.deploy.conftest import (
     only,
     read_documents,
 )
+from tests.deploy.test_deploy_config import shipped_config
 from tests.fakes.kube.customresources import read_crds, schema_validator
 from tests.fakes.kube.workloads import SCHEMA_VERSIONS
 
@@ -133,7 +134,7 @@ def test_the_pdb_keeps_one_replica_and_selects_the_deployments_pods() -> None:
 
 def test_the_service_is_a_clusterip_for_the_xds_and_signing_ports() -> None:
     documents = base_documents()
-    service = only(documents, "Service")
+    service = only(documents, "Service", "mesh-identity")
     deployment = only(documents, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -141,6 +142,19 @@ def test_the_service_is_a_clusterip_for_the_xds_and_signing_ports() -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     targets = {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}
     assert targets == {"xds": ports["xds"], "signing": ports["signing"], "attest": ports["attest"]}
+
+
+def test_the_injector_service_sends_port_443_to_the_webhook_the_config_names() -> None:
+    documents = base_documents()
+    service = only(documents, "Service", "mesh-identity-injector")
+    deployment = only(documents, "Deployment")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, "webhook")]
+    config = shipped_config()
+    assert config.inject is not None and config.inject.service is not None
+    assert (config.inject.service.namespace, config.inject.service.name, config.inject.service.port) == (
+        service["metadata"]["namespace"], service["metadata"]["name"], 443,
+    )  # fmt: skip
 
 
 def test_the_image_is_the_projects_version() -> None:
