@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import kubernetes
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_identity.compose import Stage, System, build
 from mesh_identity.config import parse_config
@@ -24,6 +26,7 @@ from mesh_identity.inject.component import InjectorComponent
 from mesh_identity.ports import free_port
 from tests.e2e.kubepods import PodCluster, kube_cluster
 from tests.fakes.kube.admission import MutatingWebhooks
+from tests.metrics.test_alerts import injector_metrics
 from tests.waiting import wait_until
 
 MESH = "demo"
@@ -140,6 +143,24 @@ def test_serve_keeps_the_webhook_configuration_with_the_mesh_roots_and_injects_p
         "mesh-identity-agent",
     ]
     assert plane.cluster.core.list_secret_for_all_namespaces().items == []  # nothing of this holds a key anywhere
+
+
+def test_the_injector_metrics_the_alerts_name_are_exported(plane: Plane) -> None:
+    wait_until(lambda: plane.configuration() is not None, "the MutatingWebhookConfiguration", 30)
+    for name in ("web-0", "web-1"):
+        assert plane.create_pod(name)["metadata"]["annotations"]["mesh-identity.io/injected"] == "true"
+    assert plane.system.service is not None
+    with urllib.request.urlopen(plane.system.service.url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    names = injector_metrics()
+    assert names and names <= set(samples), sorted(names - set(samples))
+    assert samples["mesh_identity_injector_admissions_total"].labels == {"outcome": "injected"}
+    assert samples["mesh_identity_injector_admissions_total"].value == 2
+    served = plane.injector.certificates.current
+    assert served is not None
+    expiry = samples["mesh_identity_injector_certificate_expiry_timestamp_seconds"].value
+    assert expiry == served.leaf.not_valid_after_utc.timestamp()
 
 
 def test_pods_created_while_the_serving_certificate_rotates_are_all_injected(plane: Plane) -> None:
