@@ -33,6 +33,7 @@ from xds_sds.resources.bootstrap import agent_bootstrap
 from xds_sds.resources.stats import add_stats_endpoint
 
 ENVOY_UID = 1337
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: six times faster (bench/inject_webhook.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,4 +98,4 @@ def sidecar_documents(
         "metrics": {"listen": f"127.0.0.1:{AGENT_HEALTH_PORT}"},
         "entries": [{"spiffe_id": str(identity), "selectors": [f"unix:uid:{uid}"]} for uid in users],
     }
-    return bootstrap, yaml.safe_dump(agent, sort_keys=False)
+    return bootstrap, yaml.dump(agent, Dumper=_DUMPER, sort_keys=False)
