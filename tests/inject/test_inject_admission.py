@@ -2,7 +2,9 @@
 MutatingWebhookConfiguration registered through the real ``kubernetes`` client (caBundle = the webhook CA's root),
 pods created with the client and with ``kubectl apply`` come back injected; opted-out pods and pods of an
 unmonitored namespace come back as they were; a caBundle that does not verify the webhook refuses the create
-(failurePolicy Fail) or lets it through unmodified (Ignore); a denial reaches kubectl's stderr. (The kubectl
+(failurePolicy Fail) or lets it through unmodified (Ignore); a denial reaches kubectl's stderr, and so does the
+webhook's probe warning (a ``Warning`` header); ``kubectl apply --dry-run=server`` prints the injected pod and
+stores nothing. (The kubectl
 tests are deselected, with the reason in pytest's header, where kubectl is not installed: tests/inject/conftest.py.)
 """
 
@@ -26,6 +28,7 @@ from mesh_identity.inject.server import WebhookServer
 from tests.fakes.kube import DEFAULT_KINDS, SECRET, ApiError, KubeServer
 from tests.fakes.kube.admission import MUTATING_WEBHOOK_CONFIGURATION, MutatingWebhooks, rules_match, selector_matcher
 from tests.fakes.kube.kubectl import kubectl_for
+from tests.fakes.kube.server import Warnings
 from tests.fakes.kube.workloads import kind_named, schema_errors, workload_kinds
 from tests.inject.kit import pod, settings
 from tests.pki import TestCa, key_pem
@@ -317,3 +320,129 @@ def test_kubectl_shows_the_webhooks_denial(setup: Setup, kubectl: Any, tmp_path:
     assert done.returncode == 1
     assert f'admission webhook "{WEBHOOK}" denied the request: mesh-identity cannot inject this pod' in done.stderr
     assert "Error from server (Forbidden)" in done.stderr
+
+
+# -- dry runs and warnings
+
+
+def probed_pod(port: int = 8080) -> dict[str, Any]:
+    """A pod whose liveness probe goes through the sidecar (its port is not excluded from capture)."""
+    found = app_pod()
+    found["spec"]["containers"][0]["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": port}}
+    return found
+
+
+def probe_warning(port: int = 8080) -> str:
+    return (
+        f"mesh-identity: spec.containers[0].livenessProbe.httpGet (port {port}) goes through the sidecar's mTLS "
+        f"listener and fails; exclude its port with {p.EXCLUDE_INBOUND_PORTS} or use an exec probe"
+    )
+
+
+def test_kubectl_apply_dry_run_server_prints_the_injected_pod_and_stores_nothing(
+    setup: Setup, kubectl: Any, tmp_path: Path
+) -> None:
+    setup.register()
+    (tmp_path / "pod.json").write_text(json.dumps(app_pod()))
+    version = setup.server.store.resource_version
+    done = kubectl("apply", "--dry-run=server", "--validate=false", "-f", str(tmp_path / "pod.json"), "-o", "json")
+    got = json.loads(done.stdout)
+    assert_injected(got)
+    assert got["metadata"]["name"] == "web-1" and got["metadata"]["uid"]
+    assert "resourceVersion" not in got["metadata"]  # never stored
+    (call,) = setup.webhooks.calls
+    assert call.review["request"]["dryRun"] is True
+    assert setup.server.objects(kind_named(setup.server.kinds, "Pod")) == []
+    assert setup.server.store.resource_version == version  # nothing written: no watch event either
+    listed = kubectl("get", "pods", "-n", "shop", "-o", "json").stdout
+    assert json.loads(listed)["items"] == []
+    plain = kubectl("apply", "--dry-run=server", "--validate=false", "-f", str(tmp_path / "pod.json"))
+    assert "pod/web-1 created (server dry run)" in plain.stdout
+
+
+def test_a_dry_run_through_the_client_is_answered_and_not_stored(setup: Setup) -> None:
+    setup.register()
+    sent = app_pod()
+    sent["metadata"] = {"generateName": "web-", "namespace": "shop"}
+    core = setup.core
+    answered = setup.api.sanitize_for_serialization(core.create_namespaced_pod("shop", sent, dry_run="All"))
+    assert_injected(answered)
+    assert answered["metadata"]["name"].startswith("web-") and len(answered["metadata"]["name"]) == 9
+    assert setup.server.objects(kind_named(setup.server.kinds, "Pod")) == []
+    # the real server's refusals: another value, and (in this server) a dry run of another verb
+    with pytest.raises(kubernetes.client.ApiException) as raised:
+        core.create_namespaced_pod("shop", app_pod(), dry_run="Some")
+    assert raised.value.status == 400 and 'supported values: "All"' in json.loads(raised.value.body)["message"]
+    with pytest.raises(kubernetes.client.ApiException) as raised:
+        core.patch_namespace("shop", {"metadata": {"labels": {"x": "y"}}}, dry_run="All")
+    assert raised.value.status == 400 and "creates only" in json.loads(raised.value.body)["message"]
+    assert "x" not in setup.server.objects(kind_named(setup.server.kinds, "Namespace"))[0]["metadata"]["labels"]
+
+
+def test_a_webhook_with_side_effects_refuses_a_dry_run(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sideEffects: Unknown`` or ``Some`` are refused by admissionregistration.k8s.io/v1 (and by this server),
+    but a configuration stored through v1beta1 keeps them: the real server then refuses every dry run the
+    webhook matches, and calls it for the other requests."""
+    setup.register()
+    stored = setup.server.objects
+
+    def legacy(kind: Any, namespace: str | None = None, label_selector: str = "") -> list[dict[str, Any]]:
+        found = stored(kind, namespace, label_selector)
+        if kind is MUTATING_WEBHOOK_CONFIGURATION:
+            for configuration in found:
+                for webhook in configuration["webhooks"]:
+                    webhook["sideEffects"] = "Unknown"
+        return found
+
+    monkeypatch.setattr(setup.server, "objects", legacy)
+    with pytest.raises(kubernetes.client.ApiException) as raised:
+        setup.core.create_namespaced_pod("shop", app_pod(), dry_run="All")
+    assert raised.value.status == 400
+    assert json.loads(raised.value.body)["message"] == f'admission webhook "{WEBHOOK}" does not support dry run'
+    assert setup.webhooks.calls == []  # refused before the call
+    created = setup.api.sanitize_for_serialization(setup.core.create_namespaced_pod("shop", app_pod()))
+    assert_injected(created)
+
+
+def test_kubectl_prints_the_webhooks_probe_warning(setup: Setup, kubectl: Any, tmp_path: Path) -> None:
+    setup.register()
+    (tmp_path / "pod.json").write_text(json.dumps(probed_pod()))
+    done = kubectl("apply", "--validate=false", "-f", str(tmp_path / "pod.json"))
+    assert "pod/web-1 created" in done.stdout
+    assert f"Warning: {probe_warning()}\n" in done.stderr
+    assert done.stderr.count("Warning:") == 1
+    assert_injected(json.loads(kubectl("get", "pod", "web-1", "-n", "shop", "-o", "json").stdout))
+    # the same on a dry run; and nothing for a pod whose probe port is excluded
+    dry = probed_pod()
+    dry["metadata"]["name"] = "web-2"
+    (tmp_path / "dry.json").write_text(json.dumps(dry))
+    done = kubectl("apply", "--dry-run=server", "--validate=false", "-f", str(tmp_path / "dry.json"))
+    assert f"Warning: {probe_warning()}" in done.stderr
+    excluded = probed_pod()
+    excluded["metadata"].update(name="web-3", annotations={p.EXCLUDE_INBOUND_PORTS: "8080"})
+    (tmp_path / "excluded.json").write_text(json.dumps(excluded))
+    done = kubectl("apply", "--validate=false", "-f", str(tmp_path / "excluded.json"))
+    assert "Warning" not in done.stderr
+
+
+def test_the_warning_header_is_the_real_servers(setup: Setup) -> None:
+    setup.register()
+    _, status, headers = setup.core.create_namespaced_pod_with_http_info("shop", probed_pod())
+    assert status == 201
+    assert headers.getlist("Warning") == [f'299 - "{probe_warning()}"']
+    assert setup.webhooks.warnings == [probe_warning()]
+    _, _, headers = setup.core.read_namespaced_pod_with_http_info("web-1", "shop")
+    assert not headers.getlist("Warning")  # the next request on the connection has none
+
+
+def test_warnings_are_kept_as_the_real_server_keeps_them() -> None:
+    found = Warnings()
+    for text in ('a "quoted" \\ text', 'a "quoted" \\ text', "two\nlines", "", "é"):
+        found.add(text)
+    assert found.headers() == ['299 - "a \\"quoted\\" \\\\ text"', '299 - "é"'.encode().decode("latin-1")]
+    many = Warnings()
+    for index in range(20):
+        many.add(f"{index:03d}" + "x" * 297)  # 300 characters each: 13 fit in 4,096, then each is cut to 256
+    kept = many.kept()
+    assert len(kept) == 16 and all(len(t) == 256 for t in kept)
+    assert [t[:3] for t in kept] == [f"{i:03d}" for i in range(16)]

@@ -20,11 +20,20 @@ version and resource, whose ``namespaceSelector`` matches the namespace's labels
 * when a webhook cannot be called (no connection, a certificate that does not verify, a timeout, a non-200
   answer, a response that is not a matching AdmissionReview): ``failurePolicy: Fail`` refuses the create with
   500 ``failed calling webhook "<name>": failed to call webhook: Post "<url>": <reason>``; ``Ignore`` goes on
-  without that webhook. A patch that does not apply refuses the create whatever the policy (fail closed).
+  without that webhook. A patch that does not apply refuses the create whatever the policy (fail closed);
+* returns a response's ``warnings`` to the client as ``Warning: 299 - "<text>"`` headers
+  (:meth:`~tests.fakes.kube.server.KubeServer.warn`, the real server's limits), on an admitted create and on a
+  refused one alike (kubectl prints each as ``Warning: <text>`` on stderr); they are kept in
+  :attr:`MutatingWebhooks.warnings` too;
+* on a dry run (``?dryRun=All``, what ``kubectl --dry-run=server`` sends) sends ``request.dryRun: true``; a
+  webhook whose ``sideEffects`` is neither ``None`` nor ``NoneOnDryRun`` (only a configuration stored before
+  ``admissionregistration.k8s.io/v1``, which refuses them, can have one) refuses the request, as the real server:
+  400 ``admission webhook "<name>" does not support dry run``. The server then answers the object as it would be
+  stored and stores nothing (:meth:`~tests.fakes.kube.server.KubeServer.dry_run`).
 
-Not done: ``reinvocationPolicy: IfNeeded``, ``matchPolicy: Equivalent`` conversion, ``matchConditions``, the
-``Warning`` headers of a response's warnings (kept in :attr:`MutatingWebhooks.warnings`), validating webhooks.
-Webhooks are not called for the admissionregistration kinds themselves (nor are they in a real cluster).
+Not done: ``reinvocationPolicy: IfNeeded``, ``matchPolicy: Equivalent`` conversion, ``matchConditions``,
+validating webhooks, dry runs of verbs other than create (the server refuses them with 400). Webhooks are not
+called for the admissionregistration kinds themselves (nor are they in a real cluster).
 """
 
 from __future__ import annotations
@@ -307,8 +316,12 @@ class MutatingWebhooks:
                 f'Internal error occurred: failed calling webhook "{name}": failed to call webhook: Post "{url}": '
                 f"{err}",
             ) from None
+        found_warnings = answer.get("warnings")
+        warnings = [str(w) for w in found_warnings] if isinstance(found_warnings, list) else []
         with self._lock:
-            self.warnings.extend(str(w) for w in answer.get("warnings") or [])
+            self.warnings.extend(warnings)
+        for warning in warnings:  # before the decision: a refusal carries them too, as on the real server
+            self.server.warn(warning)
         if answer.get("allowed") is not True:
             found = answer.get("status")
             status: JsonObj = found if isinstance(found, dict) else {}

@@ -30,7 +30,7 @@ from tests.fakes.kube.selectors import matcher
 from tests.fakes.kube.store import Store, meta
 
 if TYPE_CHECKING:
-    from tests.fakes.kube.server import HttpServer
+    from tests.fakes.kube.server import HttpServer, Warnings
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,14 @@ def verb(method: str, route: Route, params: Mapping[str, str]) -> str:
 
 
 def handle(
-    store: Store, method: str, route: Route, params: Mapping[str, str], body: Any, content_type: str
+    store: Store,
+    method: str,
+    route: Route,
+    params: Mapping[str, str],
+    body: Any,
+    content_type: str,
+    *,
+    dry_run: bool = False,  # a create only (KubeServer.dry_run refuses it on the other verbs)
 ) -> tuple[int, JsonObj]:
     kind = route.kind
     namespace = route.namespace or ""
@@ -102,7 +109,7 @@ def handle(
             raise bad_request("the body of the request must be a JSON object")
         if kind.namespaced and route.namespace is None:
             raise method_not_allowed()
-        return 201, store.create(kind, namespace, body)
+        return 201, store.create(kind, namespace, body, dry_run=dry_run)
     if method == "DELETE" and route.name is None:
         matches = matcher(kind, params)
         deleted = []
@@ -251,6 +258,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: HttpServer
     disable_nagle_algorithm = True
+    warnings: Warnings | None = None  # the Warning headers of the request being answered (KubeServer.warn)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read :attr:`KubeServer.requests` instead."""
@@ -287,6 +295,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Audit-Id", str(uuid.uuid4()))
+        for value in self.warnings.headers() if self.warnings is not None else ():
+            self.send_header("Warning", value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -300,6 +310,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "name": "",
             "code": 200,
         }
+        self.warnings = owner.open_warnings()
         try:
             if owner.down:
                 self.close_connection = True
@@ -330,9 +341,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if request_verb == "watch":
                 watch.serve(self, route, params, record)  # records the request once the stream has opened
                 return
+            dry_run = owner.dry_run(request_verb, params)  # dryRun=All on a create; 400 on another verb
             if request_verb == "create" and isinstance(body, dict):
                 body = owner.admit(user, route, body, params)  # admission (none by default): KubeServer.add_admission
-            code, result = handle(owner.store, method, route, params, body, self.headers.get("Content-Type", ""))
+            content_type = self.headers.get("Content-Type", "")
+            code, result = handle(owner.store, method, route, params, body, content_type, dry_run=dry_run)
             self._answer(record, code, result)
         except ApiError as err:
             self._answer(record, err.code, err.status())

@@ -3,7 +3,14 @@ port (``:0``), authenticates bearer tokens, writes client configuration (``kuber
 kubeconfig, in-cluster files), serves more kinds on request (:meth:`KubeServer.register`, as installing CRDs
 does), and offers the test controls: deny rules (403), injected errors, outages, watch history compaction,
 bookmarks, waiting for watches, and direct reads and writes of the store. The ``kube_server`` and
-``kube_api_client`` fixtures give a running server and a real client for it."""
+``kube_api_client`` fixtures give a running server and a real client for it.
+
+As the real server: ``?dryRun=All`` on a create runs admission (the webhooks see ``request.dryRun: true``) and
+answers 201 with the object as it would be stored (its name generated, uid, creationTimestamp, defaults,
+validated; no resourceVersion), stores nothing and sends no watch event (:meth:`KubeServer.dry_run`); and the
+warnings of a request (:meth:`KubeServer.warn`, which the admission webhooks call with their responses'
+``warnings``) are answered as ``Warning: 299 - "<text>"`` headers (:class:`Warnings`), which kubectl prints as
+``Warning: <text>`` on its stderr."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +49,45 @@ DEFAULT_USER = "system:serviceaccount:mesh-identity:mesh-identity"
 
 AdmissionStep = Callable[[str, Route, JsonObj, Mapping[str, str]], JsonObj]
 """``step(user, route, obj, params)``, run on a create before the object is stored (:meth:`KubeServer.add_admission`)."""
+
+
+class Warnings:
+    """The warnings of one request, as the real server's warning recorder keeps them: in order, each text once,
+    none with a control character (dropped); when their text would pass :attr:`TOTAL` characters, each is cut
+    to :attr:`ITEM` characters and, once the total is reached, later ones are dropped. :meth:`headers` are the
+    ``Warning`` header values: ``299 - "<text>"``, ``"`` and ``\\`` escaped with ``\\``, the text as UTF-8
+    bytes (http.server writes headers as latin-1, so the value carries them one per character)."""
+
+    TOTAL = 4 * 1024
+    ITEM = 256
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def add(self, text: str) -> None:
+        if text and text not in self.texts and not any(unicodedata.category(c) == "Cc" for c in text):
+            self.texts.append(text)
+
+    def kept(self) -> list[str]:
+        """The texts sent, after the limits."""
+        kept: list[str] = []
+        cutting = False
+        for text in self.texts:
+            written = sum(len(t) for t in kept)
+            if cutting:
+                if written >= self.TOTAL:
+                    break
+                kept.append(text[: self.ITEM])
+            elif written + len(text) <= self.TOTAL:
+                kept.append(text)
+            else:
+                cutting = True
+                kept = [t[: self.ITEM] for t in (*kept, text)]
+        return kept
+
+    def headers(self) -> list[str]:
+        quoted = (t.replace("\\", "\\\\").replace('"', '\\"') for t in self.kept())
+        return [f'299 - "{q}"'.encode().decode("latin-1") for q in quoted]
 
 
 @dataclass(frozen=True)
@@ -159,6 +206,7 @@ class KubeServer:
         self._lock = threading.Lock()
         self._watching: list[Watcher] = []  # the open streams, in the order they opened
         self._watch_changed = threading.Condition(self._lock)
+        self._request = threading.local()  # the Warnings of the request each handler thread is answering
         self._tmp = tempfile.TemporaryDirectory(prefix="kube-server-")
         self.ca_path = Path(self._tmp.name) / "ca.crt"
         self._tls_context = self._make_tls() if tls else None
@@ -202,6 +250,32 @@ class KubeServer:
         for step in steps:
             obj = step(user, route, obj, params)
         return obj
+
+    @staticmethod
+    def dry_run(verb: str, params: Mapping[str, str]) -> bool:
+        """Whether a request is a dry run (``?dryRun=All``): a create only, here; another value, or a dry run of
+        another verb (which this server does not do), is refused with 400."""
+        if "dryRun" not in params or verb in ("get", "list", "watch"):  # reads have no dryRun option
+            return False
+        value = params["dryRun"]
+        if value != "All":
+            raise ApiError(400, "BadRequest", f'dryRun: Unsupported value: "{value}": supported values: "All"')
+        if verb != "create":
+            raise ApiError(400, "BadRequest", f"dryRun=All on {verb}: the Kubernetes test server dry-runs creates only")
+        return True
+
+    def open_warnings(self) -> Warnings:
+        """A new :class:`Warnings` for the request this thread begins to serve (used by the handler)."""
+        recorder = Warnings()
+        self._request.warnings = recorder
+        return recorder
+
+    def warn(self, text: str) -> None:
+        """Answer the request this thread is serving with a ``Warning`` header of ``text`` (an admission step
+        runs in the request's thread); outside a request, nothing."""
+        found: Warnings | None = getattr(self._request, "warnings", None)
+        if found is not None:
+            found.add(text)
 
     # -- lifecycle
     def start(self) -> KubeServer:

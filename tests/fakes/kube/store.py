@@ -93,7 +93,9 @@ class Store:
             deliver(watcher, event)
         return copy.deepcopy(new)
 
-    def create(self, kind: Kind, namespace: str, body: JsonObj) -> JsonObj:
+    def create(self, kind: Kind, namespace: str, body: JsonObj, *, dry_run: bool = False) -> JsonObj:
+        """``body`` stored (an ADDED event); with ``dry_run``, the object as it would be stored (name generated,
+        uid, creationTimestamp, defaults, validated; no resourceVersion), and nothing stored, no event."""
         with self.lock:
             obj = copy.deepcopy(body)
             obj_meta = meta(obj)
@@ -128,6 +130,8 @@ class Store:
                 obj_meta["generation"] = 1
                 obj.pop("status", None)
             self._finish(kind, None, obj)
+            if dry_run:
+                return copy.deepcopy(obj)
             return self._commit(kind, "ADDED", None, obj)
 
     def _finish(self, kind: Kind, old: JsonObj | None, new: JsonObj) -> None:
