@@ -104,6 +104,8 @@ class Upstream:
     service: str
     listen: Address | None = None
     port: int | None = None
+    capture_only: bool = False  # for captured sidecars only (their capture listener routes it; no listener): a
+    # destination the policy does not let this service call, so that its own sidecar answers 403 (Kubernetes)
 
     def __post_init__(self) -> None:
         if (self.listen is None) == (self.port is None):
@@ -309,12 +311,16 @@ def _check_references(mesh: Mesh) -> None:
                     f"{path}.listen: {name} has several instances; they cannot share one upstream listener "
                     "address (give a port instead: each sidecar listens on its own IP)"
                 )
+            if upstream.capture_only:
+                continue  # no listener anywhere: captured sidecars reach it by its ClusterIP
             if upstream.listen is not None:
                 if upstream.listen in binds:
                     raise ConfigError(f"{path}.listen: {upstream.listen} is already used by {binds[upstream.listen]}")
                 binds[upstream.listen] = f"{path}.listen"
                 continue
             for j, instance in enumerate(service.instances):
+                if instance.captured:
+                    continue  # a captured sidecar has no listener per upstream
                 address = upstream.address_for(instance)
                 if address in binds:
                     raise ConfigError(

@@ -27,7 +27,13 @@ from google.protobuf.message import Message
 from mesh_identity.config import Egress, SecretSource
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
 from mesh_identity.mesh.policy import Backend, Policy, TrafficSplit
-from mesh_identity.registry.kube.resources import PODS, SERVICE_ACCOUNTS, SERVICES
+from mesh_identity.registry.kube.resources import (
+    HTTP_ROUTE_GROUPS,
+    PODS,
+    SERVICE_ACCOUNTS,
+    SERVICES,
+    TRAFFIC_TARGETS,
+)
 from mesh_identity.registry.kube.translate import Snapshot, translate
 from tests.e2e.harness import ENVOY, Envoy, free_port
 from tests.pki import TestCa
@@ -177,7 +183,7 @@ def test_capture_resources_add_to_build_proxy_and_change_nothing_of_it(
     plain = build_proxy(view, max_connection_age=age, secrets=secrets)
     out = capture_resources(view, cluster_ips(_mesh()), default, max_connection_age=age, secrets=secrets)
     passing = default is CaptureDefault.PASSTHROUGH
-    added = {LISTENER: {CAPTURE_LISTENER}, CLUSTER: {PASSTHROUGH, BLACKHOLE} if passing else set()}
+    added = {LISTENER: {CAPTURE_LISTENER}, CLUSTER: {PASSTHROUGH, BLACKHOLE} if passing else {BLACKHOLE}}
     for kind in (LISTENER, ROUTE, CLUSTER, ENDPOINT):
         assert set(out[kind]) - set(plain[kind]) == added.get(kind, set())
         assert {k: v for k, v in out[kind].items() if k in plain[kind]} == plain[kind]
@@ -230,7 +236,7 @@ def test_a_changed_cluster_ip_or_egress_changes_the_view_so_the_sidecar_is_rebui
     assert proxy_view(dataclasses.replace(mesh, egress=Egress.PASSTHROUGH), *found) != before
 
 
-def test_passthrough_sends_other_destinations_to_the_original_dst_cluster_and_deny_has_no_default_chain() -> None:
+def test_passthrough_sends_other_destinations_to_the_original_dst_cluster_and_deny_to_the_blackhole() -> None:
     listener = _listener(CaptureDefault.PASSTHROUGH)
     [proxy] = listener.default_filter_chain.filters
     config = unpack(proxy.typed_config, tcp_proxy_pb2.TcpProxy)
@@ -244,14 +250,16 @@ def test_passthrough_sends_other_destinations_to_the_original_dst_cluster_and_de
     )
     assert not cluster.HasField("transport_socket")  # not the mesh's: plaintext as the app sent it
     denying = _listener(CaptureDefault.DENY)
-    assert not denying.HasField("default_filter_chain")
+    [closing] = denying.default_filter_chain.filters  # to the blackhole: closed
+    closed = unpack(closing.typed_config, tcp_proxy_pb2.TcpProxy)
+    assert isinstance(closed, tcp_proxy_pb2.TcpProxy) and closed.cluster == BLACKHOLE
     assert list(denying.filter_chains) == list(listener.filter_chains)[:-1]  # no blackhole chain either
     blackhole = unpack(listener.filter_chains[-1].filters[0].typed_config, tcp_proxy_pb2.TcpProxy)
     assert isinstance(blackhole, tcp_proxy_pb2.TcpProxy) and blackhole.cluster == BLACKHOLE
     hole = capture.blackhole_cluster()
     assert (hole.name, hole.type, list(hole.load_assignment.endpoints)) == ("blackhole", cluster_pb2.Cluster.STATIC, [])
     out = capture_resources(_view(), cluster_ips(_mesh()), CaptureDefault.DENY)
-    assert PASSTHROUGH not in out[CLUSTER] and BLACKHOLE not in out[CLUSTER]
+    assert PASSTHROUGH not in out[CLUSTER] and BLACKHOLE in out[CLUSTER]
 
 
 def test_bad_inputs_are_refused_with_the_field_named() -> None:
@@ -315,6 +323,46 @@ def test_the_kubernetes_registry_marks_a_pod_the_injector_injected_as_captured(
     assert mesh.egress is Egress.DENY
     passing = translate(Snapshot(world.objects), MESH, TD, {}, Egress.PASSTHROUGH).mesh
     assert passing.egress is Egress.PASSTHROUGH
+
+
+def test_a_captured_caller_reaches_every_cluster_ip_so_a_denied_call_gets_the_destinations_403() -> None:
+    world = World()
+    world.workload("db")
+    world.objects[SERVICES][("shop", "db")]["spec"]["clusterIP"] = "10.96.0.40"
+    for account, injected in (("batch", "true"), ("cron", "false")):
+        world.add(SERVICE_ACCOUNTS, "shop", account)
+        world.add(
+            PODS, "shop", f"{account}-0", metadata={"name": f"{account}-0", "namespace": "shop",
+                                                    "annotations": {"mesh-identity.io/injected": injected}},
+            spec={"serviceAccountName": account}, status={"phase": "Running", "podIP": f"10.0.1.{len(account)}"},
+        )  # fmt: skip
+    target = {
+        "apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+        "metadata": {"name": "nobody-to-db", "namespace": "shop"},
+        "spec": {"destination": {"kind": "ServiceAccount", "name": "db", "namespace": "shop"},
+                 "sources": [{"kind": "ServiceAccount", "name": "other", "namespace": "shop"}],
+                 "rules": [{"kind": "HTTPRouteGroup", "name": "all", "matches": ["all"]}]},
+    }  # fmt: skip
+    group = {
+        "apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "HTTPRouteGroup",
+        "metadata": {"name": "all", "namespace": "shop"},
+        "spec": {"matches": [{"name": "all", "pathRegex": "/.*", "methods": ["*"]}]},
+    }  # fmt: skip
+    world.add(TRAFFIC_TARGETS, "shop", "nobody-to-db", **{k: v for k, v in target.items() if k != "metadata"})
+    world.add(HTTP_ROUTE_GROUPS, "shop", "all", **{k: v for k, v in group.items() if k != "metadata"})
+    mesh = world.translate().mesh
+    batch, cron = mesh.services["batch.shop.serviceaccount"], mesh.services["cron.shop.serviceaccount"]
+    assert batch.upstreams == (Upstream("db.shop", port=80, capture_only=True),)  # denied, but routed to db
+    assert cron.upstreams == ()  # not captured: nothing to route, no listener for a denied destination
+    found = mesh.instance("batch-0.shop")
+    assert found is not None
+    view = proxy_view(mesh, *found)
+    assert [u.service for u in view.upstreams] == ["db.shop"]
+    chains = [c.name for c in sidecar_resources(view)[LISTENER][CAPTURE_LISTENER].filter_chains]  # type: ignore[attr-defined]
+    assert chains == ["outbound|db.shop"]
+    # an uncaptured instance of a service with capture-only upstreams ignores them (no listener, no cluster)
+    plain = dataclasses.replace(found[1], captured=False)
+    assert proxy_view(mesh, found[0], plain).upstreams == ()
 
 
 # -- a real Envoy ------------------------------------------------------------------------------------------------
@@ -390,6 +438,26 @@ def test_envoy_validates_the_capture_listener_and_its_clusters(
     result = _validate(_bootstrap(list(out[LISTENER].values()), list(out[CLUSTER].values())), path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"configuration '{path}' OK" in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("egress", list(Egress))
+def test_envoy_takes_the_capture_listener_of_a_sidecar_that_may_call_no_cluster_ip(
+    tmp_path: Path, egress: Egress
+) -> None:
+    """A captured sidecar without an upstream that has a ClusterIP: its listener has no chain of its own (Envoy
+    refuses a listener without any: the default chain is what makes it valid, for deny as for passthrough)."""
+    mesh = _captured_mesh(egress)
+    found = mesh.instance("frontend-1")
+    assert found is not None
+    lonely = dataclasses.replace(proxy_view(mesh, *found), upstreams=())
+    out = sidecar_resources(lonely)
+    listener = out[LISTENER][CAPTURE_LISTENER]
+    assert isinstance(listener, listener_pb2.Listener)
+    assert [c.name for c in listener.filter_chains] == ([] if egress is Egress.DENY else [BLACKHOLE])
+    path = tmp_path / "bootstrap.json"
+    result = _validate(_bootstrap(list(out[LISTENER].values()), list(out[CLUSTER].values())), path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.e2e

@@ -14,7 +14,9 @@ connection's local address, so the filter chains match on it:
   reachable only at its explicit listener;
 * any other destination, by :class:`CaptureDefault`: ``passthrough`` sends it on unchanged to where it was going
   (``tcp_proxy`` to the ``ORIGINAL_DST`` cluster :data:`PASSTHROUGH`, plaintext, outside the mesh); ``deny``
-  has no default chain, so Envoy closes such a connection (its ``no_filter_chain_match`` stat counts them).
+  sends it to the cluster :data:`BLACKHOLE` (no endpoints: the connection is closed, and the cluster's
+  ``upstream_cx_none_healthy`` counts it). Envoy refuses a listener without any chain, so ``deny`` needs that
+  default chain too: a sidecar that may call no service with a ClusterIP has it alone.
   With passthrough, a connection whose original destination is the capture port itself goes to the cluster
   :data:`BLACKHOLE` (as Istio's ``virtualOutbound`` does): passing it on would connect to this listener again, as
   Envoy's UID (not redirected), and so on without end.
@@ -159,6 +161,10 @@ def outbound_capture_listener(
                 name=PASSTHROUGH, filters=[listeners.tcp_proxy(PASSTHROUGH, PASSTHROUGH)]
             )
         )
+    else:
+        listener.default_filter_chain.CopyFrom(
+            listener_components_pb2.FilterChain(name=BLACKHOLE, filters=[listeners.tcp_proxy(BLACKHOLE, BLACKHOLE)])
+        )
     return listener
 
 
@@ -171,12 +177,12 @@ def capture_resources(
     secrets: SecretSource = SecretSource.CONTROL_PLANE,
 ) -> Resources:
     """What :func:`~xds_sds.resources.proxy.build_proxy` makes for ``view`` (the same arguments), plus the capture
-    listener and, for ``passthrough``, its two clusters."""
+    listener, the cluster :data:`BLACKHOLE` and, for ``passthrough``, :data:`PASSTHROUGH`."""
     out = build_proxy(view, max_connection_age=max_connection_age, secrets=secrets)
     out[LISTENER][CAPTURE_LISTENER] = outbound_capture_listener(view, ips, default)
+    out[CLUSTER][BLACKHOLE] = blackhole_cluster()
     if default is CaptureDefault.PASSTHROUGH:
         out[CLUSTER][PASSTHROUGH] = passthrough_cluster()
-        out[CLUSTER][BLACKHOLE] = blackhole_cluster()
     return out
 
 

@@ -77,6 +77,8 @@ def proxy_view(mesh: Mesh, service: Service, instance: Instance) -> ProxyView:
     """What the sidecar of ``instance`` (of ``service``) needs to know of the mesh."""
     upstreams = []
     for upstream in service.upstreams:
+        if upstream.capture_only and not instance.captured:
+            continue
         target = mesh.service(upstream.service)
         split = mesh.policy.split_of(target.name)
         shares = ((target.name, TOTAL_WEIGHT),) if split is None else ((b.service, b.weight) for b in split.backends)

@@ -39,7 +39,11 @@ Service's port (``spec.ports[0].port``) on each sidecar's own pod IP, so the app
 ``http://<its pod IP>:<port>/`` in plaintext and its sidecar carries the call over mTLS. A port the pod already
 uses (its app's target port, :data:`INBOUND_PORT`) or that an earlier upstream of the same service took leaves
 that upstream out, with a note. The access policy is still enforced where it belongs, at the destination's
-inbound RBAC; the upstreams only decide which listeners and clusters a sidecar gets.
+inbound RBAC; the upstreams only decide which listeners and clusters a sidecar gets. A service with an injected
+(captured) pod also gets a ``capture_only`` upstream for every other mesh service with a ClusterIP (those the policy
+denies it, and those whose port its pods already use): its captured sidecars route the app's connection to that
+ClusterIP to the destination, whose RBAC answers 403 (a clear refusal, where the policy is), and need no listener
+for it; its other sidecars ignore those upstreams.
 
 Refused objects (a Service whose pods run as several ServiceAccounts, a Service of another protocol than the
 earlier Services of its pods' account (SMI rules are per protocol: such an identity could have no valid
@@ -386,19 +390,30 @@ def add_upstreams(
             if instance.app is not None:
                 taken[instance.app.port] = "the app's port"
         upstreams = []
+        captured = any(instance.captured for instance in service.instances)
         mine = callable_of.get(service.identity, [])
-        for target in sorted([*open_to_all, *mine], key=rank.__getitem__) if open_to_all else mine:
+        allowed = sorted([*open_to_all, *mine], key=rank.__getitem__) if open_to_all else mine
+        for target in allowed:
             if target == name:
                 continue
             port = ports[target]
             assert port is not None
             if port in taken:
+                if captured:  # its captured sidecars need no listener; the others do not get this upstream
+                    upstreams.append(Upstream(target, port=port, capture_only=True))
                 notes.append(
                     f"{name}: no upstream listener for {target}: its port {port} is {taken[port]} on {name}'s sidecars"
                 )
                 continue
             taken[port] = f"the upstream listener of {target}"
             upstreams.append(Upstream(target, port=port))
+        if captured:  # the rest, denied by the policy: reached by ClusterIP, so the destination answers 403
+            listed = set(allowed)
+            for target in order:
+                port = ports[target]
+                if target != name and target not in listed and services[target].cluster_ip is not None:
+                    assert port is not None
+                    upstreams.append(Upstream(target, port=port, capture_only=True))
         out[name] = Service(
             name, service.identity, service.protocol, service.instances, tuple(upstreams), service.cluster_ip
         )
