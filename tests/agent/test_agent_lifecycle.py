@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import urllib.error
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from tests.waiting import wait_until
 
 
 def healthy(run: AgentRun) -> bool:
-    return run.get("/healthz")[0] == 200
+    """Whether the agent answers /healthz with 200; False while its endpoint does not listen yet (after a killed
+    agent, ``metrics.addr`` names the dead one's port until the new agent writes its own)."""
+    try:
+        return run.get("/healthz")[0] == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
 
 
 def serials(run: AgentRun) -> dict[str, str]:
