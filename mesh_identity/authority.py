@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -249,18 +249,7 @@ class Authority:
             now = self.clock()
             pem = {}
         svid = X509Svid(spiffe_id, leaf, chain, key, bundle, self.provider.name, pem)
-        self.events.emit(
-            CertificateIssued(
-                subject=str(spiffe_id),
-                kind=CertKind.WORKLOAD,
-                serial=serial_of(leaf),
-                fingerprint=fingerprint_of(leaf),
-                not_after=leaf.not_valid_after_utc,
-                provider=self.provider.name,
-                requested_by=requested_by,
-                at=now,
-            )
-        )
+        self._issued(leaf, str(spiffe_id), CertKind.WORKLOAD, requested_by, now)
         return svid
 
     def issue_serving(
@@ -284,10 +273,14 @@ class Authority:
         now = self.clock()
         ttl = min(ttl, signing.signer.not_after - now)  # it ends with its issuer at the latest
         leaf = signing.signer.sign_server(key.public_key(), names, ttl, now)
+        self._issued(leaf, ", ".join(names), CertKind.SERVING, requested_by, now)
+        return ServingCertificate(leaf, signing.path, key, self._bundle or signing.bundle)
+
+    def _issued(self, leaf: x509.Certificate, subject: str, kind: CertKind, requested_by: str, now: datetime) -> None:
         self.events.emit(
             CertificateIssued(
-                subject=", ".join(names),
-                kind=CertKind.SERVING,
+                subject=subject,
+                kind=kind,
                 serial=serial_of(leaf),
                 fingerprint=fingerprint_of(leaf),
                 not_after=leaf.not_valid_after_utc,
@@ -296,7 +289,6 @@ class Authority:
                 at=now,
             )
         )
-        return ServingCertificate(leaf, signing.path, key, self._bundle or signing.bundle)
 
     def _check_workload(
         self, signed: SignedCertificate, public_key: PublicKey, spiffe_id: SpiffeId

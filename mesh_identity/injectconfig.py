@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from mesh_identity.document import integer, keys, mapping, sequence, shown, string
 from mesh_identity.durations import parse_duration
 from mesh_identity.errors import ConfigError
+from mesh_identity.ports import is_ip_address
 
 DEFAULT_ENVOY_IMAGE = "docker.io/envoyproxy/envoy:v1.36.2"
 DEFAULT_AGENT_IMAGE = "ghcr.io/mesh-identity/mesh-identity:0.1.0"
@@ -117,7 +118,7 @@ def _host_port(value: Any, path: str, *, listen: bool = False) -> HostPort:
     lowest = 0 if listen else 1
     if (
         not sep
-        or (not _HOST.match(host) and not _is_ip(host))
+        or (not _HOST.match(host) and not is_ip_address(host))
         or not port.isdigit()
         or not lowest <= int(port) <= 65535
     ):
@@ -126,13 +127,6 @@ def _host_port(value: Any, path: str, *, listen: bool = False) -> HostPort:
         )
     return HostPort(host, int(port))
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _label(value: Any, path: str) -> str:

@@ -21,6 +21,15 @@ _lock = threading.Lock()
 _random = random.SystemRandom()
 
 
+def is_ip_address(host: str) -> bool:
+    """Whether ``host`` is an IP address (v4 or v6), not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback: ``localhost`` or a loopback IP."""
     if host == "localhost":

@@ -252,10 +252,31 @@ class LeafSigner:
         return self._not_after_limit
 
     def sign(self, public_key: PublicKey, spiffe_id: SpiffeId, ttl: timedelta, now: datetime) -> x509.Certificate:
+        san = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        return self._leaf(public_key, san, self._eku, ttl, now, str(spiffe_id))
+
+    def sign_server(
+        self, public_key: PublicKey, names: Sequence[str], ttl: timedelta, now: datetime
+    ) -> x509.Certificate:
+        """A TLS server certificate (not an X.509-SVID) for ``names``: DNS names and IP addresses, each a SAN of its
+        kind, EKU serverAuth only, so its key cannot pass for a mesh client. IssuanceError naming a bad name."""
+        sans = server_names(names)
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+        return self._leaf(public_key, sans, eku, ttl, now, f"the serving certificate of {names[0]}")
+
+    def _leaf(
+        self,
+        public_key: PublicKey,
+        sans: Sequence[x509.GeneralName],
+        eku: x509.ExtendedKeyUsage,
+        ttl: timedelta,
+        now: datetime,
+        what: str,
+    ) -> x509.Certificate:
         not_after = now + ttl
         if not_after > self._not_after_limit:
             raise IssuanceError(
-                f"TTL {ttl} for {spiffe_id} would end at {not_after:%Y-%m-%dT%H:%M:%SZ}, past the issuing CA's "
+                f"TTL {ttl} for {what} would end at {not_after:%Y-%m-%dT%H:%M:%SZ}, past the issuing CA's "
                 f"NotAfter {self._not_after_limit:%Y-%m-%dT%H:%M:%SZ}"
             )
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
@@ -267,41 +288,10 @@ class LeafSigner:
             .serial_number(random_serial())
             .not_valid_before(max(now - CLOCK_SKEW, self._not_before_limit))
             .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), False)
+            .add_extension(x509.SubjectAlternativeName(sans), False)
             .add_extension(self._bc, critical=True)
             .add_extension(self._ku[is_rsa], critical=True)
-            .add_extension(self._eku, critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
-        )
-        return builder.sign(self.issuer_key, self._hash)
-
-
-    def sign_server(
-        self, public_key: PublicKey, names: Sequence[str], ttl: timedelta, now: datetime
-    ) -> x509.Certificate:
-        """A TLS server certificate (not an X.509-SVID) for ``names``: DNS names and IP addresses, each a SAN of its
-        kind, EKU serverAuth only, so its key cannot pass for a mesh client. IssuanceError naming a bad name."""
-        sans = server_names(names)
-        not_after = now + ttl
-        if not_after > self._not_after_limit:
-            raise IssuanceError(
-                f"TTL {ttl} for the serving certificate of {names[0]} would end at {not_after:%Y-%m-%dT%H:%M:%SZ}, "
-                f"past the issuing CA's NotAfter {self._not_after_limit:%Y-%m-%dT%H:%M:%SZ}"
-            )
-        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(self._subject)
-            .issuer_name(self._issuer_name)
-            .public_key(public_key)
-            .serial_number(random_serial())
-            .not_valid_before(max(now - CLOCK_SKEW, self._not_before_limit))
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(self._bc, critical=True)
-            .add_extension(self._ku[is_rsa], critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(eku, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._aki, critical=False)
         )

@@ -1,22 +1,7 @@
-"""Sidecar injection end to end: pods applied with the real kubectl come back injected by the control plane's
-webhook, and the tests' kubelet runs them in network namespaces of their own, as their UIDs: the init
-container's iptables rules exactly as written, the real Envoy, the node agent (authenticating with the pod's
-projected service-account token) and an unmodified app. Service ClusterIPs are reachable from the pods as
-kube-proxy makes them.
-
-The shop (namespace ``shop``, monitored)::
-
-    a-0   (sa a)  no Service    its app calls http://<b's ClusterIP>/ in plain HTTP; TrafficTarget a -> b
-    b-0   (sa b)  Service b     10.96.77.20:80 -> 8080; the demo app answers with the caller's SPIFFE ID (XFCC)
-    c-0   (sa c)  no Service    not a source of any TrafficTarget of b: 403
-    d-0   (sa d)  no Service    mesh-identity.io/inject: "false": no sidecar, no capture
-
-The control plane (``compose.build`` with ``inject``, the built-in CA) listens on the pod bridge's address for
-xDS, the signing API and Attest, and on loopback for the webhook, which the API test server reaches as the
-Service ``mesh-identity-injector.mesh-identity-system.svc`` (its certificate verified against the caBundle the
-control plane wrote). Needs root, Debian's iptables and kubectl (deselected without kubectl, as the other
-kubectl e2e tests).
-"""
+"""Sidecar injection end to end, in the world of tests/e2e/injectshop.py (read its docstring for the shop): pods
+applied with kubectl come back injected, the tests' kubelet runs them in their own network namespaces, and an
+unmodified app's plain call to a ClusterIP is carried over mTLS by its captured sidecar. Needs root, Debian's
+iptables and kubectl (deselected without kubectl, as the other kubectl e2e tests)."""
 
 from __future__ import annotations
 

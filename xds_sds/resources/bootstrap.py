@@ -52,7 +52,6 @@ static cluster, the tag extraction of the labelled stat names, and stats flushed
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 from collections.abc import Sequence
@@ -80,7 +79,7 @@ from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
 from mesh_identity.files import owned_dir, write_private_at
 from mesh_identity.mesh.model import Address
-from mesh_identity.ports import free_port
+from mesh_identity.ports import free_port, is_ip_address
 from mesh_identity.spiffe import SpiffeId
 from mesh_identity.svid import TrustBundle, X509Svid
 from xds_sds.protocol.auth import bundle_secret_name, tls_secret_name
@@ -474,7 +473,7 @@ def _xds_cluster_over(
     cluster = cluster_pb2.Cluster(
         name=XDS_CLUSTER,
         # an IP address, or a DNS name (an injected pod's: the control plane's Service) resolved by Envoy
-        type=cluster_pb2.Cluster.STATIC if _is_ip(xds.host) else cluster_pb2.Cluster.LOGICAL_DNS,
+        type=cluster_pb2.Cluster.STATIC if is_ip_address(xds.host) else cluster_pb2.Cluster.LOGICAL_DNS,
         connect_timeout=clusters.CONNECT_TIMEOUT,
         load_assignment=clusters.load_assignment(XDS_CLUSTER, [xds]),
         transport_socket=base_pb2.TransportSocket(name=TRANSPORT_SOCKET, typed_config=pack(tls_context)),
@@ -482,13 +481,6 @@ def _xds_cluster_over(
     cluster.typed_extension_protocol_options[clusters.HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(http2))
     return cluster
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _agent_cluster(socket: Path) -> cluster_pb2.Cluster:
