@@ -104,7 +104,15 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from tests.fakes.kube.errors import ApiError, JsonObj
-from tests.fakes.kube.podrunner import Pod, PodNetwork, PodRunnerError, ServiceRoute, link_exists, netns_names
+from tests.fakes.kube.podrunner import (
+    Pod,
+    PodNetwork,
+    PodRunnerError,
+    ServiceRoute,
+    link_exists,
+    netns_names,
+    pid_alive,
+)
 from tests.fakes.kube.store import meta, now
 from tests.fakes.kube.tokenreview import API_AUDIENCE
 from tests.fakes.kube.volumes import ProjectedVolume, VolumeSourceError, check_path
@@ -569,7 +577,7 @@ class Kubelet:
         """What of this kubelet still exists: ``pid``, ``mount``, ``directory``, ``netns``, ``link`` and the
         services' ``iptables`` entries."""
         found = [
-            f"pid {p.pid} ({p.plan.name})" for p in self._started if p.popen.poll() is None and _alive(p.popen.pid)
+            f"pid {p.pid} ({p.plan.name})" for p in self._started if p.popen.poll() is None and pid_alive(p.popen.pid)
         ]
         found += [f"mount {path}" for path in _mounts_under(self.directory)]
         if self.directory.exists():
@@ -1356,16 +1364,6 @@ def _cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mounts_under(directory: Path) -> list[Path]:

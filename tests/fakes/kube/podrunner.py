@@ -180,12 +180,13 @@ def service_users(other_than: str = "") -> list[str]:
     found = []
     for line in _iptables("-t", "nat", "-S").stdout.splitlines():
         match = _SERVICE_CHAIN.fullmatch(line.strip())
-        if match and match.group(1) != other_than and _pid_alive(int(match.group(2))):
+        if match and match.group(1) != other_than and pid_alive(int(match.group(2))):
             found.append(match.group(1))
     return found
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
