@@ -40,7 +40,7 @@ from providers.cert_manager.provider import SPEC, CertManagerProvider
 from providers.cert_manager.request import read_request, state_of
 from providers.cert_manager.shapes import conditions, items, mapping, obj, parse_json, string, string_map, text
 from providers.cert_manager.watcher import RequestWatcher
-from tests.fakes.cert_manager import Behaviour, CertManagerSigner
+from tests.fakes.cert_manager import CERTIFICATE_REQUEST, Behaviour, CertManagerSigner
 from tests.fakes.kube import KubeServer
 from tests.pki import TestCa
 
@@ -784,10 +784,15 @@ def test_the_watch_thread_outlives_a_bug_and_an_ended_thread_is_replaced(
     caplog.set_level(logging.WARNING)
     worker, result = in_background(lambda: sign(provider))
     assert relay.wait_for("watch certificaterequests", 1)
+    before = relay.kube.store.resource_version  # the first stream started at or before it
     signer.behaviour = Behaviour.ISSUE
     signer.resync()
     worker.join(timeout=15)
     assert isinstance(result[0], SignedCertificate), result
+    # The stream re-opened after the bug (from a listing that saw the issued request) is open at the API server,
+    # so that end_watches() below ends it: a stream still on its way there would miss it and run for minutes.
+    user, kind = relay.kube.tokens[relay.token], CERTIFICATE_REQUEST
+    assert relay.kube.wait_for_watch(user=user, kind=kind, since=before + 1)
     [bug] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert bug.getMessage() == "cert-manager: the watch of CertificateRequests failed, listing them again"
     assert bug.exc_info is not None and isinstance(bug.exc_info[1], RuntimeError)
