@@ -56,6 +56,7 @@ def test_forbidden_keeps_the_last_good_mesh_and_catches_up_once_allowed(
     shop(cluster)
     registry = start_registry()
     good = registry.current()
+    assert cluster.server.wait_for_watch(kind=cluster.kind("Pod"))  # open, so that end_watches() ends it
     rule = cluster.server.deny("watch", "pods")
     rule_list = cluster.server.deny("list", "pods")
     with caplog.at_level(logging.WARNING, logger="mesh_identity.registry.kube.watch"):
@@ -78,6 +79,7 @@ def test_410_gone_lists_again(cluster: Cluster, start_registry: Start, caplog: p
     shop(cluster)
     registry = start_registry()
     assert requests(cluster, "list") == 1
+    assert cluster.server.wait_for_watch(kind=cluster.kind("Pod"))  # open, so that end_watches() ends it
     rule = cluster.server.deny("watch", "pods")  # hold the pods watch closed while its version expires
     cluster.server.end_watches()
     wait_until(lambda: registry.errors().get("pods"), "the pods watch to be closed")
