@@ -167,12 +167,17 @@ class ServiceView(Protocol):
     @property
     def instances(self) -> Sized: ...
 
+    @property
+    def endpoints(self) -> Sized: ...  # its sidecars that serve an app (none: a client-only service)
+
 
 def check_policy(policy: Policy, services: Mapping[str, ServiceView], trust_domain: TrustDomain) -> None:
     """Check ``policy`` against the mesh's services; ConfigError naming the policy and the key path."""
-    protocols: dict[SpiffeId, set[str]] = {}
+    protocols: dict[SpiffeId, set[str]] = {}  # what each identity serves (client-only services serve nothing)
     for service in services.values():
-        protocols.setdefault(service.identity, set()).add(str(service.protocol))
+        served_here = protocols.setdefault(service.identity, set())
+        if len(service.endpoints) > 0 or len(service.instances) == 0:  # an app behind a sidecar, or a split root
+            served_here.add(str(service.protocol))
     for target in policy.targets:
         _check_values(target, trust_domain)
         served = protocols.get(target.destination)

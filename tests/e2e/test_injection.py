@@ -101,3 +101,9 @@ def test_no_secret_holds_a_private_key_and_no_pod_mounts_one(shop: Shop) -> None
     for name, pod in shop.applied.items():
         text = yaml.safe_dump(pod)
         assert "secretName" not in text and "secretKeyRef" not in text and "PRIVATE KEY" not in text, name
+
+
+def test_no_smi_object_was_refused_while_the_pods_started(shop: Shop) -> None:
+    # b's pod runs before its EndpointSlice lists it ready; meanwhile a-to-b (HTTPRouteGroup rules) must hold
+    events = shop.cluster.server.objects(shop.cluster.kind("Event"), "shop")
+    assert [e["message"] for e in events if e.get("reason") == "InvalidPolicy"] == []

@@ -312,6 +312,28 @@ def test_bad_policies_are_refused_with_the_key_path(data: dict[str, Any], messag
     assert str(info.value) == message
 
 
+def test_a_client_only_service_serves_no_protocol_its_identitys_targets_must_match() -> None:
+    data = document()
+    # ledger's identity also has client-only sidecars (no app) in an http service: they serve nothing, so the
+    # TCPRoute rules of frontend-sql still apply to all that ledger serves (as while a Kubernetes pod starts)
+    data["services"]["ledger-jobs"] = {
+        "identity": {"namespace": "shop", "service_account": "ledger"},
+        "instances": [{"node": "ledger-jobs-1", "inbound": "127.0.0.2:15084"}],
+    }
+    assert parse_mesh(copy.deepcopy(data), TD).services["ledger-jobs"].endpoints == ()
+    del data["services"]["ledger"]  # now that identity serves nothing at all: its targets' rules constrain nothing
+    data["services"]["frontend"]["upstreams"] = [{"service": "backend", "listen": "127.0.0.1:16081"}]
+    mesh = parse_mesh(data, TD)
+    assert [t.name for t in mesh.policy.targets] == ["frontend-reads", "frontend-sql"]
+    data["services"]["ledger-jobs"]["instances"][0]["app"] = "127.0.0.2:8084"  # an http app: the TCPRoute is wrong
+    with pytest.raises(ConfigError) as info:
+        parse_mesh(data, TD)
+    assert str(info.value) == (
+        "policies[3].spec.rules[0]: TCPRoute rules apply to tcp services; spiffe://example.org/ns/shop/sa/ledger "
+        "serves http"
+    )
+
+
 def test_a_second_split_of_one_root_and_nested_splits_are_refused() -> None:
     data = document()
     data["policies"].append(

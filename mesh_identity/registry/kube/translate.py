@@ -340,8 +340,8 @@ def _add_client_only(
             Instance(f"{p.name}.{namespace}", None, Address(p.ip, INBOUND_PORT), p.node, captured=p.captured)
             for p in members
         )
-        # it serves nothing: it takes the protocol of the account's Services, so that the policy checks (one
-        # protocol per destination identity) do not refuse that account's TrafficTargets while a pod starts
+        # it serves nothing, so the policy checks (one protocol per destination identity) read no protocol of it
+        # and the account's TrafficTargets hold while its pods start; it takes that of the account's Services
         protocol = next((s.protocol for s in services.values() if s.identity == identity), Protocol.TCP)
         services[name] = Service(name, identity, protocol, instances)
 

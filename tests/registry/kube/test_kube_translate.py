@@ -366,6 +366,26 @@ def test_a_pod_that_no_service_lists_is_a_client_only_sidecar_of_its_identity() 
     assert mesh.node_identity("batch-7.shop") == batch.identity
 
 
+@pytest.mark.parametrize("tcp", [False, True])
+@pytest.mark.parametrize("listed", ["not ready", "not yet"])
+def test_the_targets_to_a_starting_pod_hold_while_no_service_lists_it_ready(tcp: bool, listed: str) -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1")
+    world.workload("api", ip="10.0.0.2", port_spec={"name": "tcp" if tcp else "http", "port": 80, "targetPort": 80})
+    if listed == "not ready":
+        world.objects[ENDPOINT_SLICES][("shop", "api-abcde")]["endpoints"][0]["conditions"] = {"ready": False}
+    else:  # running, before the EndpointSlice controller has listed it
+        del world.objects[ENDPOINT_SLICES][("shop", "api-abcde")]
+    _allow(world, "web-calls", "api", "web", tcp=tcp)
+    result = world.translate()
+    assert not result.refusals, result.refusals  # the TrafficTarget to api holds while api's pod starts
+    assert "api.shop" not in result.mesh.services  # no ready pod: nobody is sent to it yet
+    assert [i.app for i in result.mesh.services["api.shop.serviceaccount"].instances] == [None]
+    (allowed,) = result.mesh.policy.access_to(SpiffeId.for_kubernetes(TD, "shop", "api")) or ()
+    assert allowed.name == "web-calls"
+    assert _upstreams(result.mesh, "web.shop") == []  # nothing to call yet
+
+
 def test_a_service_of_another_protocol_than_its_accounts_other_services_is_refused() -> None:
     world = World()
     world.workload("api", ip="10.0.0.2")
