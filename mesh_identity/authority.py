@@ -157,8 +157,8 @@ class Authority:
         with self._lock:
             old = self._signing
             self._signing = signing
-            self._bundle = signing.bundle if self._bundle is None else self._bundle.with_authorities(
-                signing.bundle.authorities
+            self._bundle = (
+                signing.bundle if self._bundle is None else self._bundle.with_authorities(signing.bundle.authorities)
             )
         now = self.clock()
         self.events.emit(

@@ -128,7 +128,6 @@ def _host_port(value: Any, path: str, *, listen: bool = False) -> HostPort:
     return HostPort(host, int(port))
 
 
-
 def _label(value: Any, path: str) -> str:
     text = string(value, path)
     if not _LABEL.match(text):

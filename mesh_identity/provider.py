@@ -198,9 +198,7 @@ class CAProvider(abc.ABC):
         """TTL limits and CA expiry read from upstream."""
         return Limits()
 
-    def doctor(
-        self, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None
-    ) -> list[Check]:
+    def doctor(self, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None) -> list[Check]:
         """Checks of the configuration against the live upstream, for ``mesh-identity doctor``. The TTLs are
         the ones the config asks for, so the provider can check them against its upstream's limits."""
         del workload_ttl, intermediate_ttl

@@ -108,9 +108,7 @@ class SpiffeId:
         if problem is not None:
             raise InvalidSpiffeIdError(f"Invalid SPIFFE ID {self._raw()!r}: {problem}")
         if len(self._raw()) > MAX_ID_LENGTH:
-            raise InvalidSpiffeIdError(
-                f"Invalid SPIFFE ID {self._raw()[:64]!r}...: longer than {MAX_ID_LENGTH} bytes"
-            )
+            raise InvalidSpiffeIdError(f"Invalid SPIFFE ID {self._raw()[:64]!r}...: longer than {MAX_ID_LENGTH} bytes")
 
     def _raw(self) -> str:
         return f"{SCHEME}{self.trust_domain.name}{self.path}"
@@ -123,9 +121,7 @@ class SpiffeId:
         if text == "":
             raise InvalidSpiffeIdError("Invalid SPIFFE ID '': it is empty")
         if len(text) > MAX_ID_LENGTH:
-            raise InvalidSpiffeIdError(
-                f"Invalid SPIFFE ID {text[:64]!r}...: longer than {MAX_ID_LENGTH} bytes"
-            )
+            raise InvalidSpiffeIdError(f"Invalid SPIFFE ID {text[:64]!r}...: longer than {MAX_ID_LENGTH} bytes")
         if not text.startswith(SCHEME):
             if text.lower().startswith(SCHEME):
                 return cls._fail(text, "scheme must be lowercase 'spiffe://'")

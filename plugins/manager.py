@@ -108,8 +108,11 @@ class Plugins:
         """Schema check, then every plugin's ``mesh_identity_validate_provider_options``; ConfigError on the
         first problems (all of them, one per line)."""
         options = self.provider(name).validate_options(raw)
-        problems = [p for result in self.pm.hook.mesh_identity_validate_provider_options(provider=name, options=options)
-                    for p in result]
+        problems = [
+            p
+            for result in self.pm.hook.mesh_identity_validate_provider_options(provider=name, options=options)
+            for p in result
+        ]
         if problems:
             raise ConfigError("\n".join(problems))
         return options

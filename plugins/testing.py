@@ -79,8 +79,9 @@ class ProviderContract:
         self._needs(provider, mode)
         authority = Authority(
             provider,
-            AuthoritySettings(self.trust_domain, mode=mode, workload_ttl=timedelta(minutes=10),
-                              intermediate_ttl=timedelta(hours=1)),
+            AuthoritySettings(
+                self.trust_domain, mode=mode, workload_ttl=timedelta(minutes=10), intermediate_ttl=timedelta(hours=1)
+            ),
         )
         authority.start()
         svid = authority.issue(WORKLOAD)

@@ -314,9 +314,7 @@ class RotationEngine:
     def _stripe(self, entry: _Timer) -> threading.RLock:
         return self._stripes[hash(entry.key) % _STRIPES]
 
-    def _rotate_entry(
-        self, entry: _Identity, requested_by: str, *, due_only: bool = False, lazy: bool = False
-    ) -> bool:
+    def _rotate_entry(self, entry: _Identity, requested_by: str, *, due_only: bool = False, lazy: bool = False) -> bool:
         with self._stripe(entry):
             if entry.removed:
                 return False

@@ -54,6 +54,4 @@ class Membership:
         for identity in left:
             self.engine.remove(identity)
         if joined or left:
-            log.info(
-                "registry version %d: %d identities joined, %d left", workloads.version, len(joined), len(left)
-            )
+            log.info("registry version %d: %d identities joined, %d left", workloads.version, len(joined), len(left))

@@ -154,4 +154,3 @@ def _probe(authority: Authority, bundle: TrustBundle, now: datetime) -> str | No
         return f"signing a probe certificate failed: {err}"
     problem = chain_problem(leaf, (signing.certificate, *signing.chain), bundle, now)
     return None if problem is None else f"a probe certificate does not verify against the served bundle: {problem}"
-

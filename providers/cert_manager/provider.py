@@ -200,9 +200,7 @@ class CertManagerProvider(CAProvider):
             notes=("a cert-manager issuer may shorten the requested duration; expiry is read from each certificate",),
         )
 
-    def doctor(
-        self, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None
-    ) -> list[Check]:
+    def doctor(self, workload_ttl: timedelta | None = None, intermediate_ttl: timedelta | None = None) -> list[Check]:
         # cert-manager issuers may shorten a duration silently and publish no limit to check against;
         # the TTLs are accepted for the contract, and expiry is read from each certificate instead.
         del workload_ttl, intermediate_ttl
@@ -396,9 +394,7 @@ class CertManagerProvider(CAProvider):
         )
 
     @staticmethod
-    def _chain_to(
-        top: x509.Certificate, certificates: list[x509.Certificate], cas: list[x509.Certificate]
-    ) -> str:
+    def _chain_to(top: x509.Certificate, certificates: list[x509.Certificate], cas: list[x509.Certificate]) -> str:
         """The root an untrusted chain leads to, as the answer itself shows it."""
         for cert in (*cas, *certificates[1:]):
             if is_ca(cert) and self_signed(cert) and issued_by(top, cert):

@@ -239,9 +239,7 @@ def issued_certificates(cr: JsonObj) -> tuple[list[x509.Certificate], list[x509.
     what = describe(cr)
     status = mapping(cr, "status", what)
     try:
-        certificate = x509.load_pem_x509_certificates(
-            base64.b64decode(string(status, "certificate", what, "status"))
-        )
+        certificate = x509.load_pem_x509_certificates(base64.b64decode(string(status, "certificate", what, "status")))
     except ValueError as err:
         raise ValueError(f"status.certificate is not base64 PEM certificates ({err})") from None
     ca_text = string(status, "ca", what, "status")

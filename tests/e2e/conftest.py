@@ -46,7 +46,11 @@ def issuer(tmp_path: Path) -> AuthorityIssuer:
     return AuthorityIssuer(builtin_authority(tmp_path / "ca-state"))
 
 
-KUBECTL_TESTS = ("test_kube_mesh.py", "test_injection.py", "test_inject_pod_start_bench.py")  # they run the real kubectl
+KUBECTL_TESTS = (
+    "test_kube_mesh.py",
+    "test_injection.py",
+    "test_inject_pod_start_bench.py",
+)  # they run the real kubectl
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:

@@ -82,8 +82,7 @@ class Finding:
         return any(where == signature[1] and kind in ("*", signature[0]) for kind, where in self.signatures)
 
 
-KNOWN: tuple[Finding, ...] = (
-)
+KNOWN: tuple[Finding, ...] = ()
 
 
 def known_finding(signature: tuple[str, str]) -> Finding | None:

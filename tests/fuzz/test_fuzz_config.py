@@ -115,6 +115,8 @@ scalars = st.one_of(
     st.binary(max_size=8),
 )
 keys = st.sampled_from(KEYS) | st.text(max_size=10)
+
+
 def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4)
 

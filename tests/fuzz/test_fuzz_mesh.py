@@ -120,8 +120,12 @@ KEYS = [
     "weight", "id",
 ]  # fmt: skip
 scalars = st.one_of(st.sampled_from(WORDS), st.none(), st.booleans(), st.integers(), st.text(max_size=12))
+
+
 def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=4)
+    return st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=4
+    )
 
 
 documents = st.recursive(scalars, _containers, max_leaves=12)

@@ -137,27 +137,53 @@ WEB = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
     ("make_csr", "message"),
     [
         (lambda: b"not a csr", "CSR is malformed: not a PEM or DER PKCS#10 request"),
-        (lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
-         "CSR is malformed: not a PEM or DER PKCS#10 request"),
-        (lambda: b"x" * (MAX_CSR_BYTES + 1), f"CSR is {MAX_CSR_BYTES + 1} bytes, more than the {MAX_CSR_BYTES} allowed"),
+        (
+            lambda: b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "CSR is malformed: not a PEM or DER PKCS#10 request",
+        ),
+        (
+            lambda: b"x" * (MAX_CSR_BYTES + 1),
+            f"CSR is {MAX_CSR_BYTES + 1} bytes, more than the {MAX_CSR_BYTES} allowed",
+        ),
         (lambda: _bad_signature_csr(WEB), "CSR signature is invalid: it was not signed by the key it carries"),
         (lambda: _csr_of_another_key(WEB), "CSR signature is invalid: it was not signed by the key it carries"),
-        (lambda: _csr_with([x509.UniformResourceIdentifier("spiffe://example.org/ns/default/sa/admin")]),
-         "CSR asks for URI SANs ['spiffe://example.org/ns/default/sa/admin']; only "
-         "spiffe://example.org/ns/default/sa/web is allowed"),
-        (lambda: _csr_with([x509.UniformResourceIdentifier(str(WEB)),
-                            x509.UniformResourceIdentifier("spiffe://example.org/extra")]),
-         "CSR asks for URI SANs ['spiffe://example.org/ns/default/sa/web', 'spiffe://example.org/extra']; only "
-         "spiffe://example.org/ns/default/sa/web is allowed"),
-        (lambda: _csr_with([x509.UniformResourceIdentifier(str(WEB)), x509.DNSName("web.example.org")]),
-         "CSR asks for SANs other than the SPIFFE ID (DNSName); only spiffe://example.org/ns/default/sa/web is allowed"),
-        (lambda: _csr_with([x509.IPAddress(__import__("ipaddress").ip_address("10.0.0.1"))]),
-         "CSR asks for SANs other than the SPIFFE ID (IPAddress); only spiffe://example.org/ns/default/sa/web is allowed"),
-        (lambda: _csr_with([x509.UniformResourceIdentifier(str(WEB))], key=ec.generate_private_key(ec.SECP521R1())),
-         "CSR key type is not allowed (use ECDSA P-256/P-384 or RSA 2048/3072)"),
+        (
+            lambda: _csr_with([x509.UniformResourceIdentifier("spiffe://example.org/ns/default/sa/admin")]),
+            "CSR asks for URI SANs ['spiffe://example.org/ns/default/sa/admin']; only "
+            "spiffe://example.org/ns/default/sa/web is allowed",
+        ),
+        (
+            lambda: _csr_with(
+                [x509.UniformResourceIdentifier(str(WEB)), x509.UniformResourceIdentifier("spiffe://example.org/extra")]
+            ),
+            "CSR asks for URI SANs ['spiffe://example.org/ns/default/sa/web', 'spiffe://example.org/extra']; only "
+            "spiffe://example.org/ns/default/sa/web is allowed",
+        ),
+        (
+            lambda: _csr_with([x509.UniformResourceIdentifier(str(WEB)), x509.DNSName("web.example.org")]),
+            "CSR asks for SANs other than the SPIFFE ID (DNSName); only spiffe://example.org/ns/default/sa/web is allowed",
+        ),
+        (
+            lambda: _csr_with([x509.IPAddress(__import__("ipaddress").ip_address("10.0.0.1"))]),
+            "CSR asks for SANs other than the SPIFFE ID (IPAddress); only spiffe://example.org/ns/default/sa/web is allowed",
+        ),
+        (
+            lambda: _csr_with([x509.UniformResourceIdentifier(str(WEB))], key=ec.generate_private_key(ec.SECP521R1())),
+            "CSR key type is not allowed (use ECDSA P-256/P-384 or RSA 2048/3072)",
+        ),
     ],
-    ids=["garbage", "bad-pem", "oversized", "bad-signature", "signed-by-other-key", "other-identity",
-         "extra-uri", "dns-san", "ip-san", "p521-key"],
+    ids=[
+        "garbage",
+        "bad-pem",
+        "oversized",
+        "bad-signature",
+        "signed-by-other-key",
+        "other-identity",
+        "extra-uri",
+        "dns-san",
+        "ip-san",
+        "p521-key",
+    ],
 )
 def test_bad_csrs_are_refused(make_csr: Callable[[], bytes], message: str) -> None:
     events = ListSink()
@@ -190,10 +216,16 @@ def _fresh_authority(events: ListSink) -> Authority:
 @pytest.mark.parametrize(
     ("spiffe_id", "ttl", "message"),
     [
-        (SpiffeId.parse("spiffe://other.org/ns/a/sa/b"), None,
-         "SPIFFE ID spiffe://other.org/ns/a/sa/b is not in trust domain example.org"),
-        (SpiffeId.parse("spiffe://example.org"), None,
-         "SPIFFE ID spiffe://example.org has no path: a workload ID needs one"),
+        (
+            SpiffeId.parse("spiffe://other.org/ns/a/sa/b"),
+            None,
+            "SPIFFE ID spiffe://other.org/ns/a/sa/b is not in trust domain example.org",
+        ),
+        (
+            SpiffeId.parse("spiffe://example.org"),
+            None,
+            "SPIFFE ID spiffe://example.org has no path: a workload ID needs one",
+        ),
         (WEB, timedelta(0), "TTL 0:00:00 is not positive"),
     ],
 )
@@ -204,8 +236,11 @@ def test_refused_requests(authority: Authority, spiffe_id: SpiffeId, ttl: timede
 
 
 def test_ttl_past_the_ca_lifetime_is_refused(authority: Authority, web_id: SpiffeId) -> None:
-    with pytest.raises(IssuanceError, match=r"TTL 3650 days, 0:00:00 for spiffe://example.org/ns/default/sa/web "
-                                            r"would end at .*, past the issuing CA's NotAfter"):
+    with pytest.raises(
+        IssuanceError,
+        match=r"TTL 3650 days, 0:00:00 for spiffe://example.org/ns/default/sa/web "
+        r"would end at .*, past the issuing CA's NotAfter",
+    ):
         authority.issue(web_id, ttl=timedelta(days=3650))
 
 

@@ -18,7 +18,11 @@ OPENSSL = "openssl"
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "mesh_identity", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
     if ok:
         assert proc.returncode == 0, proc.stderr
@@ -55,8 +59,9 @@ def test_init_issue_and_openssl_verifies(workdir: Path) -> None:
     assert stat.S_IMODE((workdir / "state").stat().st_mode) == 0o700
     assert stat.S_IMODE((workdir / "state" / "builtin" / "root-1.key").stat().st_mode) == 0o600
     leaf, chain = _split_chain(web / "svid.pem")
-    assert "leaf.pem: OK" in openssl("verify", "-CAfile", "web/bundle.pem", "-untrusted", "web/chain.pem",
-                                     "web/leaf.pem", cwd=workdir)
+    assert "leaf.pem: OK" in openssl(
+        "verify", "-CAfile", "web/bundle.pem", "-untrusted", "web/chain.pem", "web/leaf.pem", cwd=workdir
+    )
     text = openssl("x509", "-in", str(leaf), "-noout", "-text", cwd=workdir)
     assert "URI:spiffe://example.org/ns/default/sa/web" in text
     assert re.search(r"X509v3 Basic Constraints: critical\s+CA:FALSE", text)
@@ -74,10 +79,23 @@ def test_init_issue_and_openssl_verifies(workdir: Path) -> None:
 
 def test_issue_from_an_openssl_csr(workdir: Path) -> None:
     run("-c", "c.yaml", "init", cwd=workdir)
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes", "-keyout", "w.key",
-            "-subj", "/CN=ignored", "-out", "w.csr", cwd=workdir)
-    run("-c", "c.yaml", "issue", "spiffe://example.org/w", "--csr", "w.csr", "--out", "w", "--ttl", "10m",
-        cwd=workdir)
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-keyout",
+        "w.key",
+        "-subj",
+        "/CN=ignored",
+        "-out",
+        "w.csr",
+        cwd=workdir,
+    )
+    run("-c", "c.yaml", "issue", "spiffe://example.org/w", "--csr", "w.csr", "--out", "w", "--ttl", "10m", cwd=workdir)
     assert not (workdir / "w" / "key.pem").exists()
     leaf, _ = _split_chain(workdir / "w" / "svid.pem")
     assert "ASN1 OID: secp384r1" in openssl("x509", "-in", str(leaf), "-noout", "-text", cwd=workdir)
@@ -90,17 +108,32 @@ def test_issue_from_an_openssl_csr(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["issue", "spiffe://example.org/a/../b", "--out", "o"], 2,
-         "Invalid SPIFFE ID 'spiffe://example.org/a/../b': path segment '..' is not allowed"),
-        (["issue", "spiffe://other.org/a", "--out", "o"], 1,
-         "SPIFFE ID spiffe://other.org/a is not in trust domain example.org"),
-        (["issue", "spiffe://example.org/a", "--out", "o", "--ttl", "5x"], 2,
-         "--ttl: '5x' is not a duration (use 30m, 24h, 7d)"),
+        (
+            ["issue", "spiffe://example.org/a/../b", "--out", "o"],
+            2,
+            "Invalid SPIFFE ID 'spiffe://example.org/a/../b': path segment '..' is not allowed",
+        ),
+        (
+            ["issue", "spiffe://other.org/a", "--out", "o"],
+            1,
+            "SPIFFE ID spiffe://other.org/a is not in trust domain example.org",
+        ),
+        (
+            ["issue", "spiffe://example.org/a", "--out", "o", "--ttl", "5x"],
+            2,
+            "--ttl: '5x' is not a duration (use 30m, 24h, 7d)",
+        ),
         (["issue", "spiffe://example.org/a", "--out", "o", "--ttl", "3650d"], 1, "past the issuing CA's NotAfter"),
-        (["issue", "spiffe://example.org/a", "--out", "o", "--csr", "bad.csr"], 1,
-         "CSR is malformed: not a PEM or DER PKCS#10 request"),
-        (["issue", "spiffe://example.org/a", "--out", "o", "--key-type", "dsa"], 2,
-         "--key-type: 'dsa' is not a key type (one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072)"),
+        (
+            ["issue", "spiffe://example.org/a", "--out", "o", "--csr", "bad.csr"],
+            1,
+            "CSR is malformed: not a PEM or DER PKCS#10 request",
+        ),
+        (
+            ["issue", "spiffe://example.org/a", "--out", "o", "--key-type", "dsa"],
+            2,
+            "--key-type: 'dsa' is not a key type (one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072)",
+        ),
     ],
 )
 def test_issue_errors_write_nothing(workdir: Path, args: list[str], code: int, message: str) -> None:
@@ -123,12 +156,18 @@ def test_issue_before_init_is_refused(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"trust_domain": "example.org", "ca": {"provider": "nope"}},
-         "ca.provider: 'nope' is not an installed provider (installed: builtin"),
-        ({"trust_domain": "example.org", "ca": {"workload_tll": "1h"}},
-         "ca.workload_tll: unknown key (did you mean 'workload_ttl'?)"),
-        ({"trust_domain": "example.org", "ca": {"provider_options": {"root_tl": "1d"}}},
-         "ca.provider_options.root_tl: unknown option for provider 'builtin' (did you mean 'root_ttl'?)"),
+        (
+            {"trust_domain": "example.org", "ca": {"provider": "nope"}},
+            "ca.provider: 'nope' is not an installed provider (installed: builtin",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"workload_tll": "1h"}},
+            "ca.workload_tll: unknown key (did you mean 'workload_ttl'?)",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"provider_options": {"root_tl": "1d"}}},
+            "ca.provider_options.root_tl: unknown option for provider 'builtin' (did you mean 'root_ttl'?)",
+        ),
     ],
 )
 def test_config_errors_exit_2(tmp_path: Path, config: dict[str, object], message: str) -> None:
@@ -149,8 +188,17 @@ def test_corrupt_state_and_wrong_passphrase(workdir: Path) -> None:
     run("-c", "c.yaml", "init", cwd=workdir, env=env)
     key = (workdir / "state" / "builtin" / "root-1.key").read_text()
     assert "ENCRYPTED PRIVATE KEY" in key
-    proc = run("-c", "c.yaml", "issue", "spiffe://example.org/a", "--out", "o", cwd=workdir, ok=False,
-               env={"MESH_IDENTITY_CA_PASSPHRASE": "wrong"})
+    proc = run(
+        "-c",
+        "c.yaml",
+        "issue",
+        "spiffe://example.org/a",
+        "--out",
+        "o",
+        cwd=workdir,
+        ok=False,
+        env={"MESH_IDENTITY_CA_PASSPHRASE": "wrong"},
+    )
     assert proc.returncode == 1
     assert "root-1.key: cannot decrypt the private key: wrong passphrase or corrupt key" in proc.stderr
     assert "correct horse" not in proc.stderr + proc.stdout

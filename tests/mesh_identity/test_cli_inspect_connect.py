@@ -70,7 +70,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A built-in CA (``init``), an SVID for the server and one for the client (``issue``), and a second CA."""
     work = tmp_path_factory.mktemp("inspect-connect")
     for name in ("c", "other"):
-        (work / f"{name}.yaml").write_text(yaml.safe_dump({"trust_domain": "example.org", "state_dir": f"{name}-state"}))
+        (work / f"{name}.yaml").write_text(
+            yaml.safe_dump({"trust_domain": "example.org", "state_dir": f"{name}-state"})
+        )
         run("-c", f"{name}.yaml", "init", cwd=work)
     run("-c", "c.yaml", "issue", SERVER_ID, "--out", "api", cwd=work)
     run("-c", "c.yaml", "issue", CLIENT_ID, "--out", "web", cwd=work)
@@ -179,7 +181,10 @@ def test_an_endpoint_that_is_not_tls_is_one_line_and_exit_1(pki: Path) -> None:
     ("args", "message"),
     [
         (["inspect"], "inspect: give FILE (an SVID's PEM) or --connect HOST:PORT"),
-        (["inspect", "web/svid.pem", "--connect", "127.0.0.1:1"], "inspect: give FILE or --connect HOST:PORT, not both"),
+        (
+            ["inspect", "web/svid.pem", "--connect", "127.0.0.1:1"],
+            "inspect: give FILE or --connect HOST:PORT, not both",
+        ),
         (["inspect", "--connect", "127.0.0.1"], "--connect: '127.0.0.1' is not HOST:PORT"),
         (["inspect", "--connect", "127.0.0.1:1", "--cert", "web/svid.pem"], "--cert and --key go together"),
         (["inspect", "web/svid.pem", "--server-name", "x"], "--cert, --key and --server-name go with --connect"),

@@ -36,30 +36,50 @@ BASE: dict[str, Any] = {"trust_domain": "example.org"}
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ({"trust_domain": "example.org", "ca": {"workload_ttl": "5x"}},
-         "ca.workload_ttl: '5x' is not a duration (use 30m, 24h, 7d)"),
-        ({"trust_domain": "example.org", "ca": {"workload_tll": "1h"}},
-         "ca.workload_tll: unknown key (did you mean 'workload_ttl'?)"),
+        (
+            {"trust_domain": "example.org", "ca": {"workload_ttl": "5x"}},
+            "ca.workload_ttl: '5x' is not a duration (use 30m, 24h, 7d)",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"workload_tll": "1h"}},
+            "ca.workload_tll: unknown key (did you mean 'workload_ttl'?)",
+        ),
         ({"trust_domain": "example.org", "stat_dir": "x"}, "stat_dir: unknown key (did you mean 'state_dir'?)"),
         ({}, "trust_domain: required (e.g. trust_domain: example.org)"),
-        ({"trust_domain": "Example.org"},
-         "trust_domain: Invalid trust domain 'Example.org': trust domain character 'E' is uppercase "
-         "(only lowercase letters are allowed)"),
-        ({"trust_domain": "example.org", "ca": {"rotate_after": 1.5}},
-         "ca.rotate_after: 1.5 is not a fraction strictly between 0 and 1"),
-        ({"trust_domain": "example.org", "ca": {"rotate_after": 0}},
-         "ca.rotate_after: 0 is not a fraction strictly between 0 and 1"),
-        ({"trust_domain": "example.org", "ca": {"key_type": "dsa"}},
-         "ca.key_type: 'dsa' is not one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072"),
-        ({"trust_domain": "example.org", "ca": {"mode": "direct"}},
-         "ca.mode: 'direct' is not one of intermediate, per-workload"),
-        ({"trust_domain": "example.org", "ca": {"workload_ttl": "48h", "intermediate_ttl": "24h"}},
-         "ca.workload_ttl: '48h' is not shorter than ca.intermediate_ttl '24h'; a workload certificate cannot "
-         "outlive its issuer"),
-        ({"trust_domain": "example.org", "metrics": {"listen": "9102"}},
-         "metrics.listen: '9102' is not HOST:PORT (e.g. 127.0.0.1:9102; port 0 picks a free one)"),
-        ({"trust_domain": "example.org", "ca": {"provider_options": ["a"]}},
-         "ca.provider_options: ['a'] is not a mapping"),
+        (
+            {"trust_domain": "Example.org"},
+            "trust_domain: Invalid trust domain 'Example.org': trust domain character 'E' is uppercase "
+            "(only lowercase letters are allowed)",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"rotate_after": 1.5}},
+            "ca.rotate_after: 1.5 is not a fraction strictly between 0 and 1",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"rotate_after": 0}},
+            "ca.rotate_after: 0 is not a fraction strictly between 0 and 1",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"key_type": "dsa"}},
+            "ca.key_type: 'dsa' is not one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"mode": "direct"}},
+            "ca.mode: 'direct' is not one of intermediate, per-workload",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"workload_ttl": "48h", "intermediate_ttl": "24h"}},
+            "ca.workload_ttl: '48h' is not shorter than ca.intermediate_ttl '24h'; a workload certificate cannot "
+            "outlive its issuer",
+        ),
+        (
+            {"trust_domain": "example.org", "metrics": {"listen": "9102"}},
+            "metrics.listen: '9102' is not HOST:PORT (e.g. 127.0.0.1:9102; port 0 picks a free one)",
+        ),
+        (
+            {"trust_domain": "example.org", "ca": {"provider_options": ["a"]}},
+            "ca.provider_options: ['a'] is not a mapping",
+        ),
         (["trust_domain"], "config: the document must be a mapping, not list"),
     ],
 )

@@ -85,8 +85,12 @@ def test_issue_defaults_to_five_minutes_and_validates(state: Path, clock: FakeCl
         (WEB, [], None, "a JWT-SVID needs at least one audience (a list of strings)"),
         (WEB, "db", None, "a JWT-SVID needs at least one audience (a list of strings)"),
         (WEB, ["db", ""], None, "audience '' is not a non-empty string"),
-        (SpiffeId.parse("spiffe://other.org/web"), ["db"], None,
-         "spiffe://other.org/web is not an identity of trust domain example.org"),
+        (
+            SpiffeId.parse("spiffe://other.org/web"),
+            ["db"],
+            None,
+            "spiffe://other.org/web is not an identity of trust domain example.org",
+        ),
     ],
 )
 def test_issue_refuses(
@@ -258,33 +262,56 @@ def _replace_with_other_key(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b"garbage"), r"\.key is corrupt: not a valid PEM private key$"),
         (lambda p: p.write_bytes(p.read_bytes()[:100]), r"\.key is corrupt: not a valid PEM private key$"),
-        (_replace_with_other_key,
-         r"\.key does not hold the key [\w-]{43} that keys\.json names \(its key is [\w-]{43}\): the file was "
-         r"replaced or damaged; refusing to use it$"),
-        (lambda p: p.write_bytes(private_key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))),
-         r"\.key is not an ECDSA P-256 key$"),
+        (
+            _replace_with_other_key,
+            r"\.key does not hold the key [\w-]{43} that keys\.json names \(its key is [\w-]{43}\): the file was "
+            r"replaced or damaged; refusing to use it$",
+        ),
+        (
+            lambda p: p.write_bytes(private_key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))),
+            r"\.key is not an ECDSA P-256 key$",
+        ),
         (lambda p: p.unlink(), r"\.key is missing$"),
         (lambda p: p.chmod(0o644), r"\.key is open to group or others \(mode 0644\): it must be 0600$"),
-        (lambda p: (p.rename(p.with_suffix(".real")), p.symlink_to(p.with_suffix(".real"))),
-         r"\.key: Too many levels of symbolic links \(a symbolic link is refused\)$"),
+        (
+            lambda p: (p.rename(p.with_suffix(".real")), p.symlink_to(p.with_suffix(".real"))),
+            r"\.key: Too many levels of symbolic links \(a symbolic link is refused\)$",
+        ),
         (lambda p: (p.parent / MANIFEST).write_text("{"), r"keys\.json is corrupt: not JSON$"),
-        (lambda p: (p.parent / MANIFEST).write_text(json.dumps({"version": 2})),
-         r"keys\.json is corrupt: not a version 1 manifest$"),
-        (lambda p: _edit_manifest(p, trust_domain="other.org"),
-         r"keys\.json belongs to trust domain 'other\.org', not example\.org$"),
+        (
+            lambda p: (p.parent / MANIFEST).write_text(json.dumps({"version": 2})),
+            r"keys\.json is corrupt: not a version 1 manifest$",
+        ),
+        (
+            lambda p: _edit_manifest(p, trust_domain="other.org"),
+            r"keys\.json belongs to trust domain 'other\.org', not example\.org$",
+        ),
         (lambda p: _edit_manifest(p, keys=[]), r"keys\.json is corrupt: 'keys' must list 1 to 64 keys$"),
-        (lambda p: _edit_key(p, kid="../../etc/x"), r"keys\.json is corrupt: keys\[0\]: 'kid' is not a key thumbprint$"),
-        (lambda p: _edit_key(p, signs_until="yesterday"),
-         r"keys\.json is corrupt: keys\[0\]: 'signs_until' is not an ISO 8601 time with a timezone$"),
-        (lambda p: _edit_key(p, signs_until="2030-01-02T00:00:00"),
-         r"keys\.json is corrupt: keys\[0\]: 'signs_until' is not an ISO 8601 time with a timezone$"),
-        (lambda p: _edit_key(p, signs_until="2029-01-01T00:00:00+00:00"),
-         r"keys\.json is corrupt: keys\[0\]: times must satisfy published <= signs_from < signs_until$"),
-        (lambda p: _edit_key(p, extra=1),
-         r"keys\.json is corrupt: keys\[0\] must have exactly kid, published, signs_from, signs_until$"),
-        (lambda p: (p.parent / MANIFEST).unlink(),
-         r"jwt holds files but no keys\.json: refusing to guess which keys are in use \(move the directory away "
-         r"to start a new key set\)$"),
+        (
+            lambda p: _edit_key(p, kid="../../etc/x"),
+            r"keys\.json is corrupt: keys\[0\]: 'kid' is not a key thumbprint$",
+        ),
+        (
+            lambda p: _edit_key(p, signs_until="yesterday"),
+            r"keys\.json is corrupt: keys\[0\]: 'signs_until' is not an ISO 8601 time with a timezone$",
+        ),
+        (
+            lambda p: _edit_key(p, signs_until="2030-01-02T00:00:00"),
+            r"keys\.json is corrupt: keys\[0\]: 'signs_until' is not an ISO 8601 time with a timezone$",
+        ),
+        (
+            lambda p: _edit_key(p, signs_until="2029-01-01T00:00:00+00:00"),
+            r"keys\.json is corrupt: keys\[0\]: times must satisfy published <= signs_from < signs_until$",
+        ),
+        (
+            lambda p: _edit_key(p, extra=1),
+            r"keys\.json is corrupt: keys\[0\] must have exactly kid, published, signs_from, signs_until$",
+        ),
+        (
+            lambda p: (p.parent / MANIFEST).unlink(),
+            r"jwt holds files but no keys\.json: refusing to guess which keys are in use \(move the directory away "
+            r"to start a new key set\)$",
+        ),
     ],
 )
 def test_damage_is_a_clear_error_and_nothing_is_replaced(state: Path, clock: FakeClock, damage, message: str) -> None:
@@ -350,7 +377,6 @@ def test_an_empty_key_directory_is_taken_over(state: Path, clock: FakeClock) -> 
     (state / "jwt").mkdir(parents=True, mode=0o755)
     authority = started(state, clock)
     assert len(authority.keys) == 1 and key_files(state) == {authority.keys[0].key_id}
-
 
 
 def test_a_linked_state_dir_is_followed_but_nothing_inside_it(state: Path, clock: FakeClock, tmp_path: Path) -> None:

@@ -285,11 +285,18 @@ def hs256(secret: bytes) -> Callable[[bytes], bytes]:
     ("token", "message"),
     [
         # the JOSE header: only ES256, never none, never a MAC keyed with our public key, only alg/kid/typ
-        (forge(header={**HEADER, "alg": "none"}, sign=lambda _: b""),
-         "JWT-SVID algorithm 'none' is refused: a JWT-SVID must be signed"),
-        (forge(header={**HEADER, "alg": "None"}, sign=lambda _: b""),
-         "JWT-SVID algorithm 'None' is refused: a JWT-SVID must be signed"),
-        (forge(header={**HEADER, "alg": "HS256"}, sign=hs256(PEM)), "JWT-SVID algorithm 'HS256' is not accepted (only ES256)"),
+        (
+            forge(header={**HEADER, "alg": "none"}, sign=lambda _: b""),
+            "JWT-SVID algorithm 'none' is refused: a JWT-SVID must be signed",
+        ),
+        (
+            forge(header={**HEADER, "alg": "None"}, sign=lambda _: b""),
+            "JWT-SVID algorithm 'None' is refused: a JWT-SVID must be signed",
+        ),
+        (
+            forge(header={**HEADER, "alg": "HS256"}, sign=hs256(PEM)),
+            "JWT-SVID algorithm 'HS256' is not accepted (only ES256)",
+        ),
         (forge(header={**HEADER, "alg": "RS256"}), "JWT-SVID algorithm 'RS256' is not accepted (only ES256)"),
         (forge(header={**HEADER, "alg": "ES384"}), "JWT-SVID algorithm 'ES384' is not accepted (only ES256)"),
         (forge(header={**HEADER, "alg": ["ES256"]}), "JWT-SVID algorithm ['ES256'] is not accepted (only ES256)"),
@@ -298,28 +305,45 @@ def hs256(secret: bytes) -> Callable[[bytes], bytes]:
         (forge(header={**HEADER, "kid": ""}), "JWT-SVID header 'kid' is '', not a non-empty string"),
         (forge(header={**HEADER, "kid": 7}), "JWT-SVID header 'kid' is 7, not a non-empty string"),
         (forge(header={**HEADER, "typ": "at+jwt"}), "JWT-SVID header 'typ' is 'at+jwt', not 'JWT' or 'JOSE'"),
-        (forge(header={**HEADER, "jku": "https://evil.example/jwks"}),
-         "JWT-SVID header member 'jku' is not allowed (only alg, kid, typ)"),
-        (forge(header={**HEADER, "crit": ["exp"]}), "JWT-SVID header member 'crit' is not allowed (only alg, kid, typ)"),
-        (forge(header=b'{"alg":"ES256","kid":"%s","alg":"none"}' % KID.encode()),
-         "JWT-SVID is malformed: its header has the member 'alg' twice"),
+        (
+            forge(header={**HEADER, "jku": "https://evil.example/jwks"}),
+            "JWT-SVID header member 'jku' is not allowed (only alg, kid, typ)",
+        ),
+        (
+            forge(header={**HEADER, "crit": ["exp"]}),
+            "JWT-SVID header member 'crit' is not allowed (only alg, kid, typ)",
+        ),
+        (
+            forge(header=b'{"alg":"ES256","kid":"%s","alg":"none"}' % KID.encode()),
+            "JWT-SVID is malformed: its header has the member 'alg' twice",
+        ),
         # keys and signature
         (forge(header={**HEADER, "kid": "nope"}), "JWT-SVID key id 'nope' is not in the JWT bundle of 'example.org'"),
         (forge(sign=es256(OTHER_KEY)), f"JWT-SVID signature does not verify with key '{KID}' of 'example.org'"),
         (f"{H}.{P}.{b64(bytes(64))}", f"JWT-SVID signature does not verify with key '{KID}' of 'example.org'"),
-        (f"{H}.{P}.{b64(KEY.sign(f'{H}.{P}'.encode(), ec.ECDSA(hashes.SHA256())))}",
-         "JWT-SVID signature is {n} bytes, not the 64 of ES256"),  # DER, not JWS's r || s
+        (
+            f"{H}.{P}.{b64(KEY.sign(f'{H}.{P}'.encode(), ec.ECDSA(hashes.SHA256())))}",
+            "JWT-SVID signature is {n} bytes, not the 64 of ES256",
+        ),  # DER, not JWS's r || s
         (f"{H}.{P}.{S[:-2]}", "JWT-SVID signature is 63 bytes, not the 64 of ES256"),
         # the subject
-        (forge(claims={**CLAIMS, "sub": "https://example.org/web"}),
-         "JWT-SVID 'sub' is not a SPIFFE ID: Invalid SPIFFE ID 'https://example.org/web': scheme must be 'spiffe://'"),
-        (forge(claims={**CLAIMS, "sub": "spiffe://example.org/a/../b"}),
-         "JWT-SVID 'sub' is not a SPIFFE ID: Invalid SPIFFE ID 'spiffe://example.org/a/../b': path segment '..' is not allowed"),
-        (forge(claims={**CLAIMS, "sub": ["spiffe://example.org/web"]}),
-         "JWT-SVID 'sub' is ['spiffe://example.org/web'], not a SPIFFE ID"),
+        (
+            forge(claims={**CLAIMS, "sub": "https://example.org/web"}),
+            "JWT-SVID 'sub' is not a SPIFFE ID: Invalid SPIFFE ID 'https://example.org/web': scheme must be 'spiffe://'",
+        ),
+        (
+            forge(claims={**CLAIMS, "sub": "spiffe://example.org/a/../b"}),
+            "JWT-SVID 'sub' is not a SPIFFE ID: Invalid SPIFFE ID 'spiffe://example.org/a/../b': path segment '..' is not allowed",
+        ),
+        (
+            forge(claims={**CLAIMS, "sub": ["spiffe://example.org/web"]}),
+            "JWT-SVID 'sub' is ['spiffe://example.org/web'], not a SPIFFE ID",
+        ),
         (forge(claims={k: v for k, v in CLAIMS.items() if k != "sub"}), "JWT-SVID has no 'sub' claim"),
-        (forge(claims={**CLAIMS, "sub": "spiffe://other.org/web"}),
-         "JWT-SVID subject spiffe://other.org/web is in trust domain 'other.org', which has no JWT bundle here"),
+        (
+            forge(claims={**CLAIMS, "sub": "spiffe://other.org/web"}),
+            "JWT-SVID subject spiffe://other.org/web is in trust domain 'other.org', which has no JWT bundle here",
+        ),
         # audience and times
         (forge(claims={k: v for k, v in CLAIMS.items() if k != "aud"}), "JWT-SVID has no 'aud' claim"),
         (forge(claims={**CLAIMS, "aud": []}), "JWT-SVID 'aud' is empty"),
@@ -334,18 +358,30 @@ def hs256(secret: bytes) -> Callable[[bytes], bytes]:
         (forge(claims={k: v for k, v in CLAIMS.items() if k != "iat"}), "JWT-SVID has no 'iat' claim"),
         (forge(claims={**CLAIMS, "iat": EXP + 1}), "JWT-SVID 'iat' is after its 'exp'"),
         (forge(claims={**CLAIMS, "nbf": IAT + 120}), "JWT-SVID is not valid before 2030-01-01T00:02:00Z"),
-        (forge(claims=b'{"sub":"%s","aud":["db"],"exp":%d,"iat":%d,"exp":1}' % (str(WEB).encode(), EXP, IAT)),
-         "JWT-SVID is malformed: its payload has the member 'exp' twice"),
-        (forge(claims=b'{"sub":"%s","aud":["db"],"exp":NaN,"iat":%d}' % (str(WEB).encode(), IAT)),
-         "JWT-SVID is malformed: its payload is not a JSON object"),
+        (
+            forge(claims=b'{"sub":"%s","aud":["db"],"exp":%d,"iat":%d,"exp":1}' % (str(WEB).encode(), EXP, IAT)),
+            "JWT-SVID is malformed: its payload has the member 'exp' twice",
+        ),
+        (
+            forge(claims=b'{"sub":"%s","aud":["db"],"exp":NaN,"iat":%d}' % (str(WEB).encode(), IAT)),
+            "JWT-SVID is malformed: its payload is not a JSON object",
+        ),
         # the serialization
         ("", "JWT-SVID is empty"),
         ("a" * (MAX_TOKEN_BYTES + 1), f"JWT-SVID is larger than {MAX_TOKEN_BYTES} bytes ({MAX_TOKEN_BYTES + 1})"),
         (f"{H}.{P}", "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)"),
-        (f"{H}.{P}.{S}.{S}", "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)"),
-        (json.dumps({"protected": H, "payload": P, "signature": S}),
-         "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)"),
-        (f"{H}.{P}.{S}\u00e9", "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)"),
+        (
+            f"{H}.{P}.{S}.{S}",
+            "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)",
+        ),
+        (
+            json.dumps({"protected": H, "payload": P, "signature": S}),
+            "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)",
+        ),
+        (
+            f"{H}.{P}.{S}\u00e9",
+            "JWT-SVID is malformed: not three base64url parts separated by '.' (JWS compact serialization)",
+        ),
         (f"!{H[1:]}.{P}.{S}", "JWT-SVID is malformed: its header is not unpadded base64url"),
         (f"{H}=.{P}.{S}", "JWT-SVID is malformed: its header is not unpadded base64url"),
         (f"{H}.{P[:-1]}.{S}", "JWT-SVID is malformed: its payload is not unpadded base64url"),
@@ -393,23 +429,45 @@ def test_validator_needs_an_audience() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: sign_jwt_svid(KEY, KID, WEB, [], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
-         "a JWT-SVID needs at least one audience"),
-        (lambda: sign_jwt_svid(KEY, KID, WEB, "db", issued_at=T0, expiry=T0 + timedelta(minutes=5)),
-         "audience must be a list of strings, not one string"),
-        (lambda: sign_jwt_svid(KEY, KID, WEB, [""], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
-         "audience '' is not a non-empty string"),
-        (lambda: sign_jwt_svid(KEY, KID, WEB, ["db"], issued_at=T0, expiry=T0),
-         f"a JWT-SVID must expire after it is issued (exp {IAT} <= iat {IAT})"),
-        (lambda: sign_jwt_svid(KEY, KID, WEB, ["db"], issued_at=T0.replace(tzinfo=None), expiry=T0),
-         "issued_at must be a timezone-aware datetime"),
-        (lambda: sign_jwt_svid(ec.generate_private_key(ec.SECP384R1()), KID, WEB, ["db"], issued_at=T0,
-                               expiry=T0 + timedelta(minutes=5)),
-         "a JWT-SVID is signed with an ECDSA P-256 key (ES256)"),
-        (lambda: sign_jwt_svid(KEY, "", WEB, ["db"], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
-         "key id '' is not a non-empty string"),
-        (lambda: sign_jwt_svid(KEY, KID, WEB, ["x" * 100] * 80, issued_at=T0, expiry=T0 + timedelta(minutes=5)),
-         f"the JWT-SVID would be larger than {MAX_TOKEN_BYTES} bytes (too many audiences)"),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, [], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
+            "a JWT-SVID needs at least one audience",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, "db", issued_at=T0, expiry=T0 + timedelta(minutes=5)),
+            "audience must be a list of strings, not one string",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, [""], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
+            "audience '' is not a non-empty string",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, ["db"], issued_at=T0, expiry=T0),
+            f"a JWT-SVID must expire after it is issued (exp {IAT} <= iat {IAT})",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, ["db"], issued_at=T0.replace(tzinfo=None), expiry=T0),
+            "issued_at must be a timezone-aware datetime",
+        ),
+        (
+            lambda: sign_jwt_svid(
+                ec.generate_private_key(ec.SECP384R1()),
+                KID,
+                WEB,
+                ["db"],
+                issued_at=T0,
+                expiry=T0 + timedelta(minutes=5),
+            ),
+            "a JWT-SVID is signed with an ECDSA P-256 key (ES256)",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, "", WEB, ["db"], issued_at=T0, expiry=T0 + timedelta(minutes=5)),
+            "key id '' is not a non-empty string",
+        ),
+        (
+            lambda: sign_jwt_svid(KEY, KID, WEB, ["x" * 100] * 80, issued_at=T0, expiry=T0 + timedelta(minutes=5)),
+            f"the JWT-SVID would be larger than {MAX_TOKEN_BYTES} bytes (too many audiences)",
+        ),
     ],
 )
 def test_signing_refuses(call: Callable[[], JwtSvid], message: str) -> None:

@@ -26,9 +26,18 @@ TD = TrustDomain("example.org")
         ("spiffe://user@example.org/a", "Invalid SPIFFE ID 'spiffe://user@example.org/a': user info is not allowed"),
         ("spiffe://example.org/a?x=1", "Invalid SPIFFE ID 'spiffe://example.org/a?x=1': a query is not allowed"),
         ("spiffe://example.org/a#f", "Invalid SPIFFE ID 'spiffe://example.org/a#f': a fragment is not allowed"),
-        ("spiffe://example.org/a/./b", "Invalid SPIFFE ID 'spiffe://example.org/a/./b': path segment '.' is not allowed"),
-        ("spiffe://example.org/../b", "Invalid SPIFFE ID 'spiffe://example.org/../b': path segment '..' is not allowed"),
-        ("spiffe://example.org/a//b", "Invalid SPIFFE ID 'spiffe://example.org/a//b': empty path segment is not allowed"),
+        (
+            "spiffe://example.org/a/./b",
+            "Invalid SPIFFE ID 'spiffe://example.org/a/./b': path segment '.' is not allowed",
+        ),
+        (
+            "spiffe://example.org/../b",
+            "Invalid SPIFFE ID 'spiffe://example.org/../b': path segment '..' is not allowed",
+        ),
+        (
+            "spiffe://example.org/a//b",
+            "Invalid SPIFFE ID 'spiffe://example.org/a//b': empty path segment is not allowed",
+        ),
         ("spiffe://example.org/a/", "Invalid SPIFFE ID 'spiffe://example.org/a/': trailing slash is not allowed"),
         ("spiffe://example.org/", "Invalid SPIFFE ID 'spiffe://example.org/': trailing slash is not allowed"),
         (
@@ -70,8 +79,11 @@ def test_kubernetes_form() -> None:
 
 @pytest.mark.parametrize(
     ("ns", "sa", "problem"),
-    [("", "web", "namespace is empty"), ("a/b", "web", "namespace character '/' is not allowed"),
-     ("prod", "..", "service account '..' is not allowed")],
+    [
+        ("", "web", "namespace is empty"),
+        ("a/b", "web", "namespace character '/' is not allowed"),
+        ("prod", "..", "service account '..' is not allowed"),
+    ],
 )
 def test_kubernetes_form_validates_its_parts(ns: str, sa: str, problem: str) -> None:
     with pytest.raises(InvalidSpiffeIdError) as err:

@@ -82,8 +82,11 @@ def test_foreign_ca_client_is_refused(
     foreign = make_authority(state_dir=tmp_path / "foreign-state")  # same trust domain name, other root
     server = _files(authority.issue(SpiffeId.parse("spiffe://example.org/server")), tmp_path / "server")
     # The foreign client trusts our root (so only the server side can refuse), but presents a foreign SVID.
-    intruder = _files(foreign.issue(SpiffeId.parse("spiffe://example.org/client")), tmp_path / "intruder",
-                      bundle=authority.bundle().pem())
+    intruder = _files(
+        foreign.issue(SpiffeId.parse("spiffe://example.org/client")),
+        tmp_path / "intruder",
+        bundle=authority.bundle().pem(),
+    )
     port, seen, thread = _serve_once(_context(ssl.Purpose.CLIENT_AUTH, server))
     with socket.create_connection(("127.0.0.1", port)) as raw:
         with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):

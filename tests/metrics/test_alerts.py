@@ -50,7 +50,10 @@ def test_every_metric_an_alert_names_is_exported(tmp_path):
     )  # fmt: skip
     sidecar = TlsServer(tmp_path / "sidecar", b"")
     web = SpiffeId.parse("spiffe://example.org/ns/default/sa/web")
-    mesh = Mesh(config.trust_domain, {"web": Service("web", web, Protocol.HTTP, (Instance("web-1", free_address(), sidecar.address),))})
+    mesh = Mesh(
+        config.trust_domain,
+        {"web": Service("web", web, Protocol.HTTP, (Instance("web-1", free_address(), sidecar.address),))},
+    )
     system = build(config, Stage.SERVER, create=True, registry=StaticRegistry(mesh))
     assert system.service is not None
     service = system.service
@@ -66,7 +69,9 @@ def test_every_metric_an_alert_names_is_exported(tmp_path):
             with urllib.request.urlopen(service.url + "/metrics", timeout=30) as response:
                 return response.read().decode()
 
-        text = wait_until(lambda: next((t for t in [scrape()] if "mesh_identity_sidecar_certificate_newest{" in t), ""), "a probe")
+        text = wait_until(
+            lambda: next((t for t in [scrape()] if "mesh_identity_sidecar_certificate_newest{" in t), ""), "a probe"
+        )
     finally:
         service.stop()
         sidecar.stop()
@@ -79,4 +84,6 @@ def test_every_metric_an_alert_names_is_exported(tmp_path):
 def injector_metrics() -> set[str]:
     """The metrics the alerts name that only a server with ``inject`` exports (checked against its scrape in
     tests/inject/test_injector_serve.py)."""
-    return {name for rule in rules() for name in METRIC.findall(rule["expr"]) if name.startswith("mesh_identity_injector_")}
+    return {
+        name for rule in rules() for name in METRIC.findall(rule["expr"]) if name.startswith("mesh_identity_injector_")
+    }

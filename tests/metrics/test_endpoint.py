@@ -18,9 +18,7 @@ TEAM = ids("web", "api")
 
 
 def call(url: str, *, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
-    request = urllib.request.Request(
-        url, method=method, data=b"" if method == "POST" else None, headers=headers or {}
-    )
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, dict(response.headers), response.read().decode()
@@ -91,9 +89,7 @@ def test_wrong_paths_and_methods(service, method, path, code, body):
     assert call(service.url + path, method=method)[::2] == (code, body)
 
 
-REFUSED = (
-    "admin requests need 'Authorization: Bearer <token>' with the token from <state_dir>/admin.token\n"
-)
+REFUSED = "admin requests need 'Authorization: Bearer <token>' with the token from <state_dir>/admin.token\n"
 
 
 @pytest.mark.parametrize(

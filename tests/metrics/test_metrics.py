@@ -75,10 +75,14 @@ def test_every_family_is_exposed_and_agrees_with_the_status(service):
         assert values[("mesh_identity_certificate_rotation_failures", label)] == 0
     inter = service.engine.intermediate_state()
     root = service.engine.bundles.bundle().authorities[0]
-    assert values[
-        ("mesh_identity_ca_expiry_timestamp_seconds", (("kind", "intermediate"), ("serial", inter.serial)))
-    ] == inter.not_after.timestamp()
-    root_key = ("mesh_identity_ca_expiry_timestamp_seconds", (("kind", "root"), ("serial", format(root.serial_number, "x"))))
+    assert (
+        values[("mesh_identity_ca_expiry_timestamp_seconds", (("kind", "intermediate"), ("serial", inter.serial)))]
+        == inter.not_after.timestamp()
+    )
+    root_key = (
+        "mesh_identity_ca_expiry_timestamp_seconds",
+        (("kind", "root"), ("serial", format(root.serial_number, "x"))),
+    )
     assert values[root_key] == root.not_valid_after_utc.timestamp()
     assert values[("mesh_identity_certificates_issued_total", (("kind", "workload"), ("provider", "builtin")))] == 2
     assert values[("mesh_identity_certificates_issued_total", (("kind", "intermediate"), ("provider", "builtin")))] == 1
@@ -86,7 +90,9 @@ def test_every_family_is_exposed_and_agrees_with_the_status(service):
     assert values[("mesh_identity_provider_up", (("provider", "builtin"),))] == 1
     assert values[("mesh_identity_identities", ())] == 2
     assert values[("mesh_identity_ready", ())] == 1
-    assert [values[("mesh_identity_root_rotation_phase", (("phase", p),))] for p in ("steady", "prepared", "activated")] == [1, 0, 0]
+    assert [
+        values[("mesh_identity_root_rotation_phase", (("phase", p),))] for p in ("steady", "prepared", "activated")
+    ] == [1, 0, 0]
     earliest = min(s.not_after for s in snap.identities)
     budget = values[("mesh_identity_outage_budget_seconds", ())]
     assert (earliest - snap.at).total_seconds() <= budget <= (earliest - before).total_seconds()

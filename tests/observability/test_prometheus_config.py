@@ -25,7 +25,9 @@ def jobs(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_prometheus_yml_passes_promtool() -> None:
-    checked = subprocess.run([PROMTOOL, "check", "config", "prometheus.yml"], cwd=EXAMPLES, capture_output=True, text=True, check=False)
+    checked = subprocess.run(
+        [PROMTOOL, "check", "config", "prometheus.yml"], cwd=EXAMPLES, capture_output=True, text=True, check=False
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 1 rule files found" in checked.stdout
 
@@ -52,5 +54,8 @@ def test_the_identity_relabelling_puts_the_scheme_back() -> None:
     for rule, label in ((source, "source_identity"), (destination, "destination_identity")):
         assert (rule["source_labels"], rule["target_label"]) == ([label], label)
         match = re.fullmatch(rule["regex"], "example.org/ns/shop/sa/web")
-        assert match is not None and match.expand(rule["replacement"].replace("$", "\\")) == "spiffe://example.org/ns/shop/sa/web"
+        assert (
+            match is not None
+            and match.expand(rule["replacement"].replace("$", "\\")) == "spiffe://example.org/ns/shop/sa/web"
+        )
         assert re.fullmatch(rule["regex"], "") is None  # an absent label stays absent

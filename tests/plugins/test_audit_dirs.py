@@ -15,8 +15,13 @@ from mesh_identity.events import CertificateIssued, CertKind
 from plugins.audit import AuditLog
 
 EVENT = CertificateIssued(
-    subject="spiffe://example.org/web", kind=CertKind.WORKLOAD, serial="01", fingerprint="ab" * 32,
-    not_after=datetime(2030, 1, 1, tzinfo=UTC), provider="builtin", requested_by="test",
+    subject="spiffe://example.org/web",
+    kind=CertKind.WORKLOAD,
+    serial="01",
+    fingerprint="ab" * 32,
+    not_after=datetime(2030, 1, 1, tzinfo=UTC),
+    provider="builtin",
+    requested_by="test",
     at=datetime(2029, 1, 1, tzinfo=UTC),
 )
 

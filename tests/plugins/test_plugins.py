@@ -22,9 +22,22 @@ def acme_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Install the third-party provider package for real (pip, no network) into its own site directory."""
     site = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(ACME)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(ACME),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert list(site.glob("acme_ca_provider-*.dist-info/entry_points.txt"))
@@ -33,16 +46,18 @@ def acme_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cli(args: list[str], cwd: Path, site: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(site)}
-    return subprocess.run([sys.executable, "-m", "mesh_identity", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_identity", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_third_party_provider_is_found_through_its_entry_point(acme_site: Path, tmp_path: Path) -> None:
     out = _cli(["providers"], tmp_path, acme_site)
     assert out.returncode == 0, out.stderr
     assert "acme_ca: third-party test CA (per-workload, in memory)" in out.stdout
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(
-        {"trust_domain": "example.org", "ca": {"provider": "acme_ca", "mode": "per-workload"}}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump({"trust_domain": "example.org", "ca": {"provider": "acme_ca", "mode": "per-workload"}})
+    )
     proc = _cli(["-c", "c.yaml", "issue", "spiffe://example.org/billing", "--out", "o"], tmp_path, acme_site)
     assert proc.returncode == 0, proc.stderr
     assert "verify:      OK" in _cli(["inspect", "o/svid.pem"], tmp_path, acme_site).stdout
@@ -50,9 +65,14 @@ def test_third_party_provider_is_found_through_its_entry_point(acme_site: Path, 
 
 
 def test_third_party_validation_hook_and_mode_check(acme_site: Path, tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(
-        {"trust_domain": "example.org",
-         "ca": {"provider": "acme_ca", "mode": "per-workload", "provider_options": {"root_ttl": "90d"}}}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "trust_domain": "example.org",
+                "ca": {"provider": "acme_ca", "mode": "per-workload", "provider_options": {"root_ttl": "90d"}},
+            }
+        )
+    )
     proc = _cli(["-c", "c.yaml", "init"], tmp_path, acme_site)
     assert proc.returncode == 2
     assert "ca.provider_options.root_ttl: acme_ca roots live at most 30d" in proc.stderr
@@ -64,8 +84,14 @@ def test_third_party_validation_hook_and_mode_check(acme_site: Path, tmp_path: P
 
 def test_disabled_plugins_are_not_loaded(acme_site: Path, tmp_path: Path) -> None:
     env_site = {"PYTHONPATH": str(acme_site), "MESH_IDENTITY_DISABLED_PLUGINS": "acme_ca"}
-    proc = subprocess.run([sys.executable, "-m", "mesh_identity", "providers"], cwd=tmp_path,
-                          env={**os.environ, **env_site}, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mesh_identity", "providers"],
+        cwd=tmp_path,
+        env={**os.environ, **env_site},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     assert "acme_ca" not in proc.stdout
     assert "builtin" in proc.stdout
@@ -92,8 +118,18 @@ def test_a_failing_plugin_cannot_stop_events(caplog: pytest.LogCaptureFixture) -
             seen.append(event.serial)
 
     plugins = Plugins(get_plugin_manager(entry_points=False, extra=[Broken(), Recorder()]))
-    plugins.emit(CertificateIssued("spiffe://example.org/a", CertKind.WORKLOAD, "ab", "cd", datetime.now(UTC),
-                                   "builtin", "test", datetime.now(UTC)))
+    plugins.emit(
+        CertificateIssued(
+            "spiffe://example.org/a",
+            CertKind.WORKLOAD,
+            "ab",
+            "cd",
+            datetime.now(UTC),
+            "builtin",
+            "test",
+            datetime.now(UTC),
+        )
+    )
     assert seen == ["ab"]
     assert "failed in mesh_identity_certificate_issued" in caplog.text
 

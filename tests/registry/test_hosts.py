@@ -15,7 +15,11 @@ TD = TrustDomain("example.org")
 def _mesh(**hosts: str | None) -> dict[str, object]:
     services = {}
     for i, (name, host) in enumerate(hosts.items()):
-        instance: dict[str, object] = {"node": f"{name}-1", "app": f"127.0.0.1:{20000 + i}", "inbound": f"127.0.0.1:{21000 + i}"}
+        instance: dict[str, object] = {
+            "node": f"{name}-1",
+            "app": f"127.0.0.1:{20000 + i}",
+            "inbound": f"127.0.0.1:{21000 + i}",
+        }
         if host is not None:
             instance["host"] = host
         services[name] = {"instances": [instance]}
@@ -25,7 +29,8 @@ def _mesh(**hosts: str | None) -> dict[str, object]:
 def test_identities_on_host() -> None:
     mesh = parse_mesh(_mesh(web="host-a", api="host-b", db="host-a", batch=None), TD)
     assert mesh.identities_on_host("host-a") == {
-        SpiffeId.for_kubernetes(TD, "default", "web"), SpiffeId.for_kubernetes(TD, "default", "db")
+        SpiffeId.for_kubernetes(TD, "default", "web"),
+        SpiffeId.for_kubernetes(TD, "default", "db"),
     }
     assert mesh.identities_on_host("host-c") == frozenset()
     assert mesh.service("batch").instances[0].host is None
@@ -35,8 +40,14 @@ def test_identities_on_host() -> None:
     ("host", "message"),
     [
         ("", "services.web.instances[0].host: '' is not a non-empty string"),
-        ("host a", "services.web.instances[0].host: 'host a' is not a host name (letters, digits, '.', '_', '-'; 128 at most)"),
-        ("../etc", "services.web.instances[0].host: '../etc' is not a host name (letters, digits, '.', '_', '-'; 128 at most)"),
+        (
+            "host a",
+            "services.web.instances[0].host: 'host a' is not a host name (letters, digits, '.', '_', '-'; 128 at most)",
+        ),
+        (
+            "../etc",
+            "services.web.instances[0].host: '../etc' is not a host name (letters, digits, '.', '_', '-'; 128 at most)",
+        ),
     ],
 )
 def test_bad_host_names_the_key(host: str, message: str) -> None:

@@ -153,7 +153,9 @@ def test_membership_keeps_the_registrys_identities_and_the_kept_ones_issued(engi
     assert engine.source(WEB.identity).current() is not None
 
     issued_before_the_next_subscriber: list[bool] = []
-    registry.subscribe(lambda w: issued_before_the_next_subscriber.append(engine.source(API.identity).current() is not None))
+    registry.subscribe(
+        lambda w: issued_before_the_next_subscriber.append(engine.source(API.identity).current() is not None)
+    )
     web_source = engine.source(WEB.identity)
     registry.replace(mesh(API, service("batch", 21030, kept)))
     assert set(engine.identities()) == {kept, API.identity}

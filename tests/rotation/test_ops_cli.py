@@ -86,7 +86,18 @@ def test_serve_status_and_a_whole_root_rotation_from_the_command_line(server, ca
         "root rotation: steady (no root rotation in progress; start one with: mesh-identity ca rotate-root prepare)"
     )
     header = next(line for line in lines if line.startswith("IDENTITY"))
-    assert header.split() == ["IDENTITY", "SERIAL", "NOT", "AFTER", "LEFT", "NEXT", "ROTATION", "PROVIDER", "LAST", "ERROR"]
+    assert header.split() == [
+        "IDENTITY",
+        "SERIAL",
+        "NOT",
+        "AFTER",
+        "LEFT",
+        "NEXT",
+        "ROTATION",
+        "PROVIDER",
+        "LAST",
+        "ERROR",
+    ]
     rows = {line.split()[0]: line.split() for line in lines[lines.index(header) + 1 :]}
     for identity in data["identities"]:
         assert rows[identity["subject"]][1:3] == [identity["serial"], identity["not_after"]]
@@ -97,7 +108,10 @@ def test_serve_status_and_a_whole_root_rotation_from_the_command_line(server, ca
     code, out, _ = cli(capsys, "ca", "status", "--config", str(config))
     assert code == 0
     assert out.splitlines()[0] == "root rotation: prepared (ready: mesh-identity ca rotate-root activate)"
-    assert [line.split()[-3:] for line in out.splitlines()[1:3]] == [["signing,", "2", "leaves"], ["new,", "0", "leaves"]]
+    assert [line.split()[-3:] for line in out.splitlines()[1:3]] == [
+        ["signing,", "2", "leaves"],
+        ["new,", "0", "leaves"],
+    ]
     code, out, err = cli(capsys, "ca", "rotate-root", "activate", "--exclude", "web-9", "--config", str(config))
     assert (code, out) == (1, "")
     assert err == (
@@ -105,7 +119,10 @@ def test_serve_status_and_a_whole_root_rotation_from_the_command_line(server, ca
         "(waiting for: none)\n"
     )
     code, out, err = cli(capsys, "ca", "rotate-root", "activate", "--force", " ", "--config", str(config))
-    assert (code, err) == (2, "mesh-identity: error: --force: give the reason for going ahead without the proxies' evidence\n")
+    assert (code, err) == (
+        2,
+        "mesh-identity: error: --force: give the reason for going ahead without the proxies' evidence\n",
+    )
     code, out, _ = cli(capsys, "ca", "rotate-root", "activate", "--config", str(config))
     assert (code, "2 identities renewed from it" in out) == (0, True)
     code, out, _ = cli(capsys, "ca", "rotate-root", "retire", "--config", str(config))
@@ -158,9 +175,7 @@ def test_ca_status_without_a_server_shows_the_state_on_disk(tmp_path, capsys):
     code, out, _ = cli(capsys, "ca", "status", "--config", str(config))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].endswith(
-        "; showing the CA state on disk (leaves and proxies are known to the running server only)"
-    )
+    assert lines[0].endswith("; showing the CA state on disk (leaves and proxies are known to the running server only)")
     assert lines[1] == "root rotation: steady"
     assert lines[2].startswith("  root  ") and " sha256 " in lines[2]
     assert "  ok     retired root keys: none on disk (a root's key is deleted when it is retired)" in lines
@@ -181,8 +196,10 @@ def test_doctor(tmp_path, capsys):
     assert lines[0] == f"config: ok ({config})"
     assert lines[1] == "provider builtin: loaded"
     assert lines[2].startswith("  ok     health: signing CA valid until ")
-    assert "  note: workload certificates live 1h and are renewed 27m to 30m after issue (rotate_after 0.5, " \
+    assert (
+        "  note: workload certificates live 1h and are renewed 27m to 30m after issue (rotate_after 0.5, "
         "jitter 0.1); a failing renewal is retried for 30m before the certificate expires" in lines
+    )
     assert lines[-1] == "doctor: all good"
 
 
@@ -194,7 +211,11 @@ def test_doctor_and_serve_refuse_an_unsound_chain(tmp_path, capsys):
     assert "  error: ca.workload_ttl: 1h is not shorter than the 29m" in out
     proc = subprocess.run(
         [sys.executable, "-m", "mesh_identity", "serve", "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("mesh-identity: error: the TTL chain is unsound: ca.workload_ttl: 1h is not shorter")

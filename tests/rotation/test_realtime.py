@@ -153,7 +153,9 @@ def test_a_provider_that_refuses_then_recovers(make_service):
     assert metrics[("mesh_identity_provider_up", (("provider", "flaky"),))] == 0.0
 
     # close to expiry the failure is an error, not a silent retry
-    recorder.wait_for(lambda events: any(isinstance(e, RotationFailed) and e.severity is Severity.ERROR for e in events))
+    recorder.wait_for(
+        lambda events: any(isinstance(e, RotationFailed) and e.severity is Severity.ERROR for e in events)
+    )
     assert source.svid() is served
     plugin.switch.refusing = False
     wait_until(lambda: source.svid() is not served, "rotation after recovery", timeout=60)

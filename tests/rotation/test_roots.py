@@ -139,8 +139,13 @@ def test_root_rotation_end_to_end_with_a_restart_in_the_middle(make_service, mod
     assert second.engine.bundles.bundle().fingerprints == {new_root["fingerprint"]}
     assert status(second)["ca"]["phase"] == "steady"
     for source in second.engine.sources():
-        assert root_of(source.svid().chain[-1] if source.svid().chain else source.svid().leaf,
-                       second.engine.bundles.bundle().authorities) == new_root["fingerprint"]
+        assert (
+            root_of(
+                source.svid().chain[-1] if source.svid().chain else source.svid().leaf,
+                second.engine.bundles.bundle().authorities,
+            )
+            == new_root["fingerprint"]
+        )
     # every SVID, at every change on the way, verified against the bundle served at that moment
     assert witness.problems == []
     assert witness.checked >= 3 * 5
@@ -152,16 +157,36 @@ def test_root_rotation_end_to_end_with_a_restart_in_the_middle(make_service, mod
 @pytest.mark.parametrize(
     ("steps", "step", "message"),
     [
-        ((), "activate", "cannot activate: the root rotation is in phase 'steady', not 'prepared'; "
-         "next step: mesh-identity ca rotate-root prepare"),
-        ((), "retire", "cannot retire: the root rotation is in phase 'steady', not 'activated'; "
-         "next step: mesh-identity ca rotate-root prepare"),
-        (("prepare",), "prepare", "cannot prepare: the root rotation is in phase 'prepared', not 'steady'; "
-         "next step: mesh-identity ca rotate-root activate"),
-        (("prepare",), "retire", "cannot retire: the root rotation is in phase 'prepared', not 'activated'; "
-         "next step: mesh-identity ca rotate-root activate"),
-        (("prepare", "activate"), "activate", "cannot activate: the root rotation is in phase 'activated', not "
-         "'prepared'; next step: mesh-identity ca rotate-root retire"),
+        (
+            (),
+            "activate",
+            "cannot activate: the root rotation is in phase 'steady', not 'prepared'; "
+            "next step: mesh-identity ca rotate-root prepare",
+        ),
+        (
+            (),
+            "retire",
+            "cannot retire: the root rotation is in phase 'steady', not 'activated'; "
+            "next step: mesh-identity ca rotate-root prepare",
+        ),
+        (
+            ("prepare",),
+            "prepare",
+            "cannot prepare: the root rotation is in phase 'prepared', not 'steady'; "
+            "next step: mesh-identity ca rotate-root activate",
+        ),
+        (
+            ("prepare",),
+            "retire",
+            "cannot retire: the root rotation is in phase 'prepared', not 'activated'; "
+            "next step: mesh-identity ca rotate-root activate",
+        ),
+        (
+            ("prepare", "activate"),
+            "activate",
+            "cannot activate: the root rotation is in phase 'activated', not "
+            "'prepared'; next step: mesh-identity ca rotate-root retire",
+        ),
     ],
 )
 def test_steps_out_of_order_are_refused(make_service, steps, step, message):
@@ -250,9 +275,7 @@ def test_retire_is_refused_while_an_identity_still_holds_a_leaf_from_the_old_roo
         409,
         {"error": f"cannot retire root {serial_of(old)}: 1 identity still holds a leaf that chains to it: {stuck}"},
     )
-    assert status(service)["ca"]["next_step"] == (
-        f"waiting: 1 identity still holds a leaf that chains to it: {stuck}"
-    )
+    assert status(service)["ca"]["next_step"] == (f"waiting: 1 identity still holds a leaf that chains to it: {stuck}")
     # the stuck identity still verifies against the served bundle, which still holds the old root
     assert verify_problem(service.engine.source(stuck).svid(), service.engine.bundles.bundle(), utcnow()) is None
     plugin.switch.deny = set()
@@ -268,8 +291,10 @@ def test_retire_is_refused_while_the_intermediate_still_chains_to_the_old_root(m
     service.roots.prepare()
     plugin.switch.refusing = True
     message = service.roots.activate()
-    assert "the new intermediate could not be obtained yet (flaky: upstream CA unreachable while signing an " \
+    assert (
+        "the new intermediate could not be obtained yet (flaky: upstream CA unreachable while signing an "
         "intermediate); it is retried with backoff" in message
+    )
     with pytest.raises(RotationError) as raised:
         service.roots.retire()
     assert str(raised.value) == (

@@ -51,14 +51,19 @@ def test_identities_can_be_given_instead_of_the_config_list(tmp_path):
 @pytest.mark.parametrize(
     ("identities", "message"),
     [
-        (["spiffe://other.org/ns/a/sa/b"], "identities[0]: spiffe://other.org/ns/a/sa/b is not in trust domain example.org"),
+        (
+            ["spiffe://other.org/ns/a/sa/b"],
+            "identities[0]: spiffe://other.org/ns/a/sa/b is not in trust domain example.org",
+        ),
         (["spiffe://example.org"], "identities[0]: spiffe://example.org has no path; a workload identity needs one"),
         (
             ["spiffe://example.org/a", "spiffe://example.org/a"],
             "identities[1]: spiffe://example.org/a is listed twice",
         ),
-        (["spiffe://example.org/a/../b"], "identities[0]: Invalid SPIFFE ID 'spiffe://example.org/a/../b': path "
-         "segment '..' is not allowed"),
+        (
+            ["spiffe://example.org/a/../b"],
+            "identities[0]: Invalid SPIFFE ID 'spiffe://example.org/a/../b': path segment '..' is not allowed",
+        ),
         ("spiffe://example.org/a", "identities: 'spiffe://example.org/a' is not a list of SPIFFE IDs"),
     ],
 )

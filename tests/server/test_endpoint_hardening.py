@@ -292,7 +292,10 @@ def test_admin_beyond_loopback_with_the_opt_in(serve, app):
         (b"{}", None),
         (b'{"exclude": []}', None),
         (b'{"exclude": ["node-a", "node-b", "node-a"]}', StepOverride(frozenset({"node-a", "node-b"}))),
-        (b'{"force": "proxy fleet drained for maintenance"}', StepOverride(force="proxy fleet drained for maintenance")),
+        (
+            b'{"force": "proxy fleet drained for maintenance"}',
+            StepOverride(force="proxy fleet drained for maintenance"),
+        ),
         (
             json.dumps({"exclude": ["n" * 253] * 1000, "force": "r" * 500}).encode(),
             StepOverride(frozenset({"n" * 253}), "r" * 500),
@@ -302,7 +305,9 @@ def test_admin_beyond_loopback_with_the_opt_in(serve, app):
 )
 def test_the_override_reaches_the_app(serve, app, body, override):
     endpoint = serve()
-    response, reply, _ = exchange(endpoint, post("/admin/root/activate", body, extra="Content-Type: application/json\r\n"))
+    response, reply, _ = exchange(
+        endpoint, post("/admin/root/activate", body, extra="Content-Type: application/json\r\n")
+    )
     assert (response.status, json.loads(reply)) == (200, {"message": "took activate"})
     assert app.steps == [(RootStep.ACTIVATE, override)]
 
@@ -318,7 +323,10 @@ def test_the_override_reaches_the_app(serve, app, body, override):
         (b'{"exclude": "node-a"}', "'exclude' must be a list of node ids"),
         (b'{"exclude": [""]}', "'exclude'[0] must be a non-empty string of at most 253 characters"),
         (b'{"exclude": ["a", 7]}', "'exclude'[1] must be a non-empty string of at most 253 characters"),
-        (json.dumps({"exclude": ["n" * 254]}).encode(), "'exclude'[0] must be a non-empty string of at most 253 characters"),
+        (
+            json.dumps({"exclude": ["n" * 254]}).encode(),
+            "'exclude'[0] must be a non-empty string of at most 253 characters",
+        ),
         (b'{"exclude": ["node-a\\nforged log line"]}', "'exclude'[0] must not contain control characters"),
         (b'{"exclude": ["node\\u0000a"]}', "'exclude'[0] must not contain control characters"),
         (json.dumps({"exclude": [f"n{i}" for i in range(1001)]}).encode(), "'exclude' names more than 1,000 node ids"),
@@ -330,9 +338,24 @@ def test_the_override_reaches_the_app(serve, app, body, override):
         (b'{"force": "why\\r\\nX-Forged: 1"}', "'force' must not contain control characters"),
     ],
     ids=[
-        "form", "not-utf8", "deep", "array", "unknown-key", "exclude-string", "exclude-empty-entry", "exclude-number",
-        "exclude-too-long", "exclude-newline", "exclude-nul", "exclude-too-many", "force-empty", "force-blank",
-        "force-bool", "force-null", "force-too-long", "force-crlf",
+        "form",
+        "not-utf8",
+        "deep",
+        "array",
+        "unknown-key",
+        "exclude-string",
+        "exclude-empty-entry",
+        "exclude-number",
+        "exclude-too-long",
+        "exclude-newline",
+        "exclude-nul",
+        "exclude-too-many",
+        "force-empty",
+        "force-blank",
+        "force-bool",
+        "force-null",
+        "force-too-long",
+        "force-crlf",
     ],
 )
 def test_a_bad_override_is_answered_400_naming_the_key(serve, app, body, message):
@@ -380,11 +403,17 @@ def test_the_endpoint_passes_the_override_to_the_service(service):
     host, port = service.endpoint.address if service.endpoint else ("", 0)
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request("POST", "/admin/root/prepare", body=b'{"exclude": ["node-a"]}',
-                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/admin/root/prepare",
+            body=b'{"exclude": ["node-a"]}',
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         assert response.status == 409
-        assert json.loads(response.read()) == {"error": "prepare waits for no proxy: --exclude and --force do not apply to it"}
+        assert json.loads(response.read()) == {
+            "error": "prepare waits for no proxy: --exclude and --force do not apply to it"
+        }
     finally:
         conn.close()
     assert service.roots.phase() == "steady"

@@ -166,8 +166,14 @@ def _two(**changes: Any) -> dict[str, Any]:
             "services.a.upstreams[0]: give exactly one of listen (HOST:PORT) and port (on each sidecar's own IP)",
         ),
         (_two(upstreams=[{"service": "b", "port": 0}]), "services.a.upstreams[0].port: 0 is not a port (1-65535)"),
-        (_two(upstreams=[{"service": "b", "port": "80"}]), "services.a.upstreams[0].port: '80' is not a port (1-65535)"),
-        (_two(upstreams=[{"service": "b", "port": True}]), "services.a.upstreams[0].port: True is not a port (1-65535)"),
+        (
+            _two(upstreams=[{"service": "b", "port": "80"}]),
+            "services.a.upstreams[0].port: '80' is not a port (1-65535)",
+        ),
+        (
+            _two(upstreams=[{"service": "b", "port": True}]),
+            "services.a.upstreams[0].port: True is not a port (1-65535)",
+        ),
         (
             _two(upstreams=[{"service": "b", "port": 1001}]),
             "services.a.upstreams[0].port: 127.0.0.1:1001 (on the sidecar of services.a.instances[0]) is already used "

@@ -25,7 +25,9 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     )  # fmt: skip
     regenerated = sorted(p.name for p in (copy / "xds_sds" / "proto").glob("*_pb2*.py*"))
     assert regenerated == GENERATED
-    stale = [name for name in GENERATED if not filecmp.cmp(PROTO / name, copy / "xds_sds" / "proto" / name, shallow=False)]
+    stale = [
+        name for name in GENERATED if not filecmp.cmp(PROTO / name, copy / "xds_sds" / "proto" / name, shallow=False)
+    ]
     assert not stale, f"regenerate with xds_sds/proto/generate.sh: {stale} differ from what the protos generate"
 
 

@@ -84,7 +84,9 @@ def bootstrap_serial(directory: Path) -> int:
     ].serial_number
 
 
-def test_a_rotation_reaches_the_sidecars_secret_and_its_registered_bootstrap(xds: XdsComponent, engine, tmp_path) -> None:
+def test_a_rotation_reaches_the_sidecars_secret_and_its_registered_bootstrap(
+    xds: XdsComponent, engine, tmp_path
+) -> None:
     assert (tmp_path / XDS_ADDR).read_text() == f"127.0.0.1:{xds.xds.port}\n"  # type: ignore[union-attr]
     assert xds.sidecars is not None
     first = engine.source(BACKEND.identity).svid()

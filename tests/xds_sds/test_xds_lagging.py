@@ -60,9 +60,7 @@ def test_a_nack_and_a_missing_ack_show_as_lagging_and_an_ack_clears_them(xds: Me
         web.send(sotw(SECRET, web_names, node="web-1", nonce=first_web.nonce, error="bad\nforged log line"))
         seen = {events.next().node_id, events.next().node_id}
     assert seen == {"api-1", "web-1"}
-    assert xds.proxies_lagging(timedelta(minutes=1)) == [
-        "web-1: rejected its Secret config: bad\\nforged log line"
-    ]
+    assert xds.proxies_lagging(timedelta(minutes=1)) == ["web-1: rejected its Secret config: bad\\nforged log line"]
 
     # a change api-1 does not acknowledge: lagging only once it is older than the timeout
     xds.update_identity(CA.svid("/ns/shop/sa/api"))

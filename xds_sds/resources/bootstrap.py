@@ -482,7 +482,6 @@ def _xds_cluster_over(
     return cluster
 
 
-
 def _agent_cluster(socket: Path) -> cluster_pb2.Cluster:
     """The node agent: one endpoint, its SDS socket (a ``pipe`` address), gRPC over plaintext HTTP/2 (the agent
     tells its callers apart by the socket's peer credentials, not by a certificate)."""

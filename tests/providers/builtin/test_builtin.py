@@ -42,8 +42,9 @@ def test_restart_reloads_the_same_root(make_context: Callable[..., ProviderConte
     assert chain_problem(svid.leaf, svid.chain, second.trust_bundle(), datetime.now(UTC)) is None
 
 
-def test_passphrase_from_file_encrypts_the_root_key(make_context: Callable[..., ProviderContext],
-                                                     tmp_path: Path) -> None:
+def test_passphrase_from_file_encrypts_the_root_key(
+    make_context: Callable[..., ProviderContext], tmp_path: Path
+) -> None:
     secret = tmp_path / "pass"
     secret.write_text("s3cret\n")
     _provider(make_context(), passphrase_file=str(secret))
@@ -63,17 +64,24 @@ def test_passphrase_from_file_encrypts_the_root_key(make_context: Callable[..., 
         (lambda d: (d / "ca.json").write_text("[]"), "ca.json is corrupt: not a version 1 manifest"),
         (lambda d: (d / "root-1.pem").write_text("junk"), "root-1.pem is corrupt: not a PEM certificate"),
         (lambda d: (d / "root-1.key").unlink(), "root-1.key is missing"),
-        (lambda d: (d / "root-1.key").write_bytes(private_key_pem(generate_key(KeyType.ECDSA_P256))),
-         "root-1.key does not match the certificate"),
-        (lambda d: (d / "ca.json").write_text((d / "ca.json").read_text().replace("example.org", "other.org")),
-         "belongs to trust domain 'other.org', not example.org"),
-        (lambda d: (d / "ca.json").write_text((d / "ca.json").read_text().replace("root-1", "../x")),
-         "'roots' must list root names like 'root-1'"),
+        (
+            lambda d: (d / "root-1.key").write_bytes(private_key_pem(generate_key(KeyType.ECDSA_P256))),
+            "root-1.key does not match the certificate",
+        ),
+        (
+            lambda d: (d / "ca.json").write_text((d / "ca.json").read_text().replace("example.org", "other.org")),
+            "belongs to trust domain 'other.org', not example.org",
+        ),
+        (
+            lambda d: (d / "ca.json").write_text((d / "ca.json").read_text().replace("root-1", "../x")),
+            "'roots' must list root names like 'root-1'",
+        ),
     ],
     ids=["no-manifest", "bad-manifest", "bad-cert", "no-key", "key-mismatch", "other-trust-domain", "path-in-name"],
 )
-def test_corrupt_state_is_refused(make_context: Callable[..., ProviderContext], tmp_path: Path,
-                                  damage: Callable[[Path], None], message: str) -> None:
+def test_corrupt_state_is_refused(
+    make_context: Callable[..., ProviderContext], tmp_path: Path, damage: Callable[[Path], None], message: str
+) -> None:
     _provider(make_context())
     damage(tmp_path / "state" / "builtin")
     with pytest.raises(StateError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -85,8 +93,9 @@ def test_bring_your_own_root(make_context: Callable[..., ProviderContext], tmp_p
     root = build_root(key, TD, timedelta(days=30), datetime.now(UTC))
     (tmp_path / "root.pem").write_bytes(cert_pem(root))
     (tmp_path / "root.key").write_bytes(private_key_pem(key))
-    provider = _provider(make_context(), root_cert_file=str(tmp_path / "root.pem"),
-                         root_key_file=str(tmp_path / "root.key"))
+    provider = _provider(
+        make_context(), root_cert_file=str(tmp_path / "root.pem"), root_key_file=str(tmp_path / "root.key")
+    )
     assert provider.trust_bundle().authorities == (root,)
     assert not (tmp_path / "state" / "builtin").exists()  # your own CA is not copied into the state directory
     with pytest.raises(RotationError, match="rotates only a root it generated"):
@@ -103,13 +112,23 @@ def test_bring_your_own_intermediate(make_context: Callable[..., ProviderContext
     now = datetime.now(UTC)
     root_key, ca_key = generate_key(KeyType.ECDSA_P256), generate_key(KeyType.ECDSA_P256)
     root = build_root(root_key, TD, timedelta(days=30), now)
-    ca = sign_ca(ca_csr(ca_key, TD, "corp issuing CA"), root, root_key, trust_domain=TD, ttl=timedelta(days=10),
-                 now=now, path_length=1)
+    ca = sign_ca(
+        ca_csr(ca_key, TD, "corp issuing CA"),
+        root,
+        root_key,
+        trust_domain=TD,
+        ttl=timedelta(days=10),
+        now=now,
+        path_length=1,
+    )
     (tmp_path / "ca.pem").write_bytes(cert_pem(ca))
     (tmp_path / "ca.key").write_bytes(private_key_pem(ca_key))
     (tmp_path / "bundle.pem").write_bytes(cert_pem(root))
-    options = {"ca_cert_file": str(tmp_path / "ca.pem"), "ca_key_file": str(tmp_path / "ca.key"),
-               "bundle_file": str(tmp_path / "bundle.pem")}
+    options = {
+        "ca_cert_file": str(tmp_path / "ca.pem"),
+        "ca_key_file": str(tmp_path / "ca.key"),
+        "bundle_file": str(tmp_path / "bundle.pem"),
+    }
     for mode in Mode:
         provider = _provider(make_context(mode=mode), **options)
         authority = Authority(provider, AuthoritySettings(TD, mode=mode))
@@ -148,5 +167,3 @@ def test_unknown_option_and_bad_value() -> None:
     with pytest.raises(ConfigError, match=r"ca\.provider_options\.passphrase: unknown option for provider 'builtin'"):
         SPEC.validate_options({"passphrase": "x"})
     assert isinstance(SPEC.validate_options({})["root_ttl"], timedelta)
-
-

@@ -213,10 +213,14 @@ def test_openssl_reads_the_migrated_key(
     assert "INTEGER           :0927C0" in parsed.stdout  # 600,000
     public = subprocess.run(
         ["openssl", "pkey", "-in", str(key), "-passin", f"file:{passphrase_file}", "-pubout"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     certificate = x509.load_pem_x509_certificate((old_state / "root-2.pem").read_bytes())
-    expected = certificate.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    expected = (
+        certificate.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     assert public == expected

@@ -213,7 +213,9 @@ class Relay:
     def upstream(self, method: str, path: str, headers: dict[str, str], body: bytes) -> http.client.HTTPSConnection:
         """A connection to the API server that has sent ``method path`` (read ``getresponse()``, then close it)."""
         connection = http.client.HTTPSConnection("127.0.0.1", self.kube.port, timeout=30, context=self.context)
-        connection.request(method, path, body=body or None, headers={**headers, "Authorization": f"Bearer {self.token}"})
+        connection.request(
+            method, path, body=body or None, headers={**headers, "Authorization": f"Bearer {self.token}"}
+        )
         return connection
 
     def close(self) -> None:
@@ -345,7 +347,9 @@ def make_provider(relay: Relay, root: TestCa, tmp_path: Path) -> Iterator[MakePr
             **options,
         }
         raw = {k: v for k, v in raw.items() if v is not None}
-        context = ProviderContext(TD, tmp_path / "state", KeyType.ECDSA_P256, Mode.PER_WORKLOAD, lambda: datetime.now(UTC))
+        context = ProviderContext(
+            TD, tmp_path / "state", KeyType.ECDSA_P256, Mode.PER_WORKLOAD, lambda: datetime.now(UTC)
+        )
         provider = CertManagerProvider(context, SPEC.validate_options(raw), environ={})
         made.append(provider)
         return provider

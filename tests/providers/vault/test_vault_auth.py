@@ -34,7 +34,6 @@ def sign(provider: VaultProvider) -> Any:
     return provider.sign_workload(workload_csr(key, WORKLOAD), WORKLOAD, timedelta(minutes=10))
 
 
-
 def denied(vault: VaultServer) -> list[str]:
     """Requests Vault answered 403: a token used after it expired shows up here."""
     return [r.path for r in vault.requests if r.status == 403]

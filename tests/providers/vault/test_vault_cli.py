@@ -14,28 +14,44 @@ from tests.fakes.vault import VaultServer
 
 def _config(tmp_path: Path, server: VaultServer, role: str) -> Path:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "trust_domain": "example.org",
-        "state_dir": "state",
-        "ca": {"provider": "vault", "mode": "per-workload", "workload_ttl": "1h",
-               "provider_options": {"address": server.url, "pki_mount": "pki", "pki_role": role}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "trust_domain": "example.org",
+                "state_dir": "state",
+                "ca": {
+                    "provider": "vault",
+                    "mode": "per-workload",
+                    "workload_ttl": "1h",
+                    "provider_options": {"address": server.url, "pki_mount": "pki", "pki_role": role},
+                },
+            }
+        )
+    )
     return config
 
 
 def _cli(tmp_path: Path, server: VaultServer, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VAULT_TOKEN": server.root_token}
-    return subprocess.run([sys.executable, "-m", "mesh_identity", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mesh_identity", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_doctor_checks_the_configured_ttl_against_the_role(tmp_path: Path) -> None:
     with VaultServer() as server:
         server.add_pki_mount("pki")
-        server.add_pki_role("pki", "short", allowed_uri_sans="spiffe://example.org/*", key_type="any",
-                            require_cn=False, max_ttl="10m")
-        server.add_pki_role("pki", "good", allowed_uri_sans="spiffe://example.org/*", key_type="any",
-                            require_cn=False, max_ttl="24h")
+        server.add_pki_role(
+            "pki", "short", allowed_uri_sans="spiffe://example.org/*", key_type="any", require_cn=False, max_ttl="10m"
+        )
+        server.add_pki_role(
+            "pki", "good", allowed_uri_sans="spiffe://example.org/*", key_type="any", require_cn=False, max_ttl="24h"
+        )
         _config(tmp_path, server, "short")
         bad = _cli(tmp_path, server, "-c", "c.yaml", "doctor")
         assert bad.returncode == 1

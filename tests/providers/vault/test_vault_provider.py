@@ -248,7 +248,6 @@ def test_a_revoked_token_is_an_auth_error_until_the_token_file_holds_a_new_one(t
         provider.close()
 
 
-
 @pytest.mark.slow
 def test_a_short_lived_token_is_renewed_before_it_expires(target: VaultTarget, tmp_path: Path):
     token_file = target.token_file(tmp_path, ttl="3s", explicit_max_ttl="2m", renewable=True)

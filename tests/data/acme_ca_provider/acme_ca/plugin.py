@@ -40,8 +40,9 @@ class AcmeProvider(CAProvider):
     def trust_bundle(self) -> TrustBundle:
         return TrustBundle(self.context.trust_domain, (self.root,))
 
-    def sign_workload(self, csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId,
-                      ttl: timedelta) -> SignedCertificate:
+    def sign_workload(
+        self, csr: x509.CertificateSigningRequest, spiffe_id: SpiffeId, ttl: timedelta
+    ) -> SignedCertificate:
         leaf = LeafSigner(self.root, self.key).sign(checked_public_key(csr), spiffe_id, ttl, self.context.clock())
         return SignedCertificate(leaf, (), self.trust_bundle())
 
