@@ -179,7 +179,7 @@ def check_policy(policy: Policy, services: Mapping[str, ServiceView], trust_doma
         if len(service.endpoints) > 0 or len(service.instances) == 0:  # an app behind a sidecar, or a split root
             served_here.add(str(service.protocol))
     for target in policy.targets:
-        _check_values(target, trust_domain)
+        check_target(target, trust_domain)
         served = protocols.get(target.destination)
         if served is None:
             raise ConfigError(
@@ -201,7 +201,9 @@ def check_policy(policy: Policy, services: Mapping[str, ServiceView], trust_doma
             raise ConfigError(f"services.{name}.instances: a service needs at least one instance")
 
 
-def _check_values(target: TrafficTarget, trust_domain: TrustDomain) -> None:
+def check_target(target: TrafficTarget, trust_domain: TrustDomain) -> None:
+    """Check what ``target`` holds by itself (trust domains, sources and rules, regexes, methods), not whether its
+    destination serves in the mesh; ConfigError naming the key path."""
     named = [("destination", target.destination)]
     named += [(f"sources[{i}]", source) for i, source in enumerate(target.sources)]
     for key, identity in named:

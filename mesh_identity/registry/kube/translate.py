@@ -24,8 +24,8 @@ port, TCP) and its EndpointSlices the port's ``appProtocol`` is ``tcp`` or its n
                                   serves one mesh service: the first by namespace and name that lists it.
                                   ``cluster_ip``: ``spec.clusterIP`` at the port (None when headless)
 SMI objects (TrafficTarget,       the policy, parsed and checked as the mesh file's (:mod:`.smi`); a TrafficSplit
-HTTPRouteGroup, TCPRoute,         names Services of its namespace
-TrafficSplit)
+HTTPRouteGroup, TCPRoute,         names Services of its namespace. A TrafficTarget whose destination has no
+TrafficSplit)                     running pod waits (a note, no refusal) and applies once one runs
 ================================  ==============================================================================
 
 A running pod that no Service lists is a client-only sidecar (no app, no inbound listener) of the mesh service
@@ -62,7 +62,7 @@ from types import MappingProxyType
 from mesh_identity.config import Egress
 from mesh_identity.errors import InvalidSpiffeIdError
 from mesh_identity.mesh.model import Address, Instance, Mesh, Protocol, Service, Upstream
-from mesh_identity.mesh.policy import Policy
+from mesh_identity.mesh.policy import Policy, TrafficTarget, check_target
 from mesh_identity.mesh.ports import INBOUND_PORT
 from mesh_identity.mesh.smi import parse_policy
 from mesh_identity.registry.base import validate_workloads
@@ -442,14 +442,13 @@ def translate(
         parsed = parse_policy(False, [parser_document(d, text(d, "kind")) for d in documents], trust_domain)
         roots = {split.service: tuple(b.service for b in split.backends) for split in parsed.splits}
         services, ports, refusals, notes = build_services(snapshot, monitored, trust_domain, roots)
+        targets = _applicable(parsed.targets, services, trust_domain, notes)
         placeholders = []
         for key, identity in sorted(closed.items()):
             target = closed_target(key, identity, services) if identity is not None else None
             if target is not None:
                 placeholders.append(target)
-        policy = Policy(
-            False, parsed.targets + tuple(placeholders), parsed.splits, parsed.route_groups, parsed.tcp_routes
-        )
+        policy = Policy(False, targets + tuple(placeholders), parsed.splits, parsed.route_groups, parsed.tcp_routes)
         services, left_out = add_upstreams(services, ports, policy)
         notes.extend(left_out)
         mesh = Mesh(trust_domain, MappingProxyType(services), policy, egress)
@@ -460,6 +459,27 @@ def translate(
     settled = settle(_with_kinds(candidates), previous, build, trust_domain)
     refusals, notes = found["last"]
     return Translation(settled.mesh, settled.accepted, (*refusals, *settled.refusals), tuple(notes))
+
+
+def _applicable(
+    targets: Sequence[TrafficTarget], services: Mapping[str, Service], trust_domain: TrustDomain, notes: list[str]
+) -> tuple[TrafficTarget, ...]:
+    """The TrafficTargets whose destination identity has a running pod in the mesh. The others are checked as far
+    as they can be (ConfigError naming the object) and wait, with a note: a ServiceAccount with no pod has nothing
+    to enforce them on, and objects reach the API in no set order (a TrafficTarget applied before its
+    destination's pods is not a mistake)."""
+    identities = {s.identity for s in services.values()}
+    applicable = []
+    for target in targets:
+        if target.destination in identities:
+            applicable.append(target)
+            continue
+        check_target(target, trust_domain)
+        notes.append(
+            f"TrafficTarget {target.namespace}/{target.name}: its destination {target.destination} has no running "
+            "pod in the mesh; it applies once one runs"
+        )
+    return tuple(applicable)
 
 
 def _with_kinds(candidates: Mapping[DocKey, JsonObj]) -> dict[DocKey, JsonObj]:

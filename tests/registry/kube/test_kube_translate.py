@@ -386,6 +386,41 @@ def test_the_targets_to_a_starting_pod_hold_while_no_service_lists_it_ready(tcp:
     assert _upstreams(result.mesh, "web.shop") == []  # nothing to call yet
 
 
+def test_a_target_to_an_account_without_running_pods_waits_with_a_note_and_applies_once_one_runs() -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1")
+    world.add(SERVICE_ACCOUNTS, "shop", "api")  # applied before its pods: kubectl sends objects in no set order
+    _allow(world, "web-calls", "api", "web")
+    result = world.translate()
+    assert result.refusals == ()
+    assert result.notes == (
+        "TrafficTarget shop/web-calls: its destination spiffe://cluster.mesh/ns/shop/sa/api has no running pod in "
+        "the mesh; it applies once one runs",
+    )
+    assert result.mesh.policy.targets == ()
+    assert ("TrafficTarget", "shop", "web-calls") in result.accepted
+    world.workload("api", ip="10.0.0.2")
+    result = world.translate(dict(result.accepted))
+    assert result.refusals == () and result.notes == ()
+    (allowed,) = result.mesh.policy.access_to(SpiffeId.for_kubernetes(TD, "shop", "api")) or ()
+    assert allowed.name == "web-calls"
+    assert _upstreams(result.mesh, "web.shop") == [("api.shop", 80)]
+
+
+def test_a_waiting_target_is_still_checked_as_far_as_it_can_be() -> None:
+    world = World()
+    world.workload("web", ip="10.0.0.1")
+    _allow(world, "web-calls", "api", "web")
+    spec = world.objects[TRAFFIC_TARGETS][("shop", "web-calls")]["spec"]
+    spec["sources"].append({"kind": "SpiffeId", "id": "spiffe://partner.example/web"})
+    result = world.translate()
+    assert [r.message for r in result.refusals] == [
+        "TrafficTarget shop/web-calls: spec.sources[1].id: spiffe://partner.example/web is not in trust domain "
+        "cluster.mesh; its destination admits no caller until it is fixed"
+    ]
+    assert ("TrafficTarget", "shop", "web-calls") not in result.accepted
+
+
 def test_a_service_of_another_protocol_than_its_accounts_other_services_is_refused() -> None:
     world = World()
     world.workload("api", ip="10.0.0.2")
