@@ -14,7 +14,9 @@ What an injected Pod gains (``spec`` paths; every name begins with ``mesh-identi
                        mesh-identity-config    downwardAPI: the two annotations below as files
                        mesh-identity-ca        the trust bundle ConfigMap mesh-identity-root-ca (ca.crt)
 
-and annotations ``mesh-identity.io/injected: "true"`` (the marker that makes injection idempotent),
+and, for a pod annotated ``mesh-identity.io/workload-api: "true"``, in each of its own containers the sockets volume
+read-only and ``SPIFFE_ENDPOINT_SOCKET`` (:mod:`.workloadapi`); and annotations ``mesh-identity.io/injected:
+"true"`` (the marker that makes injection idempotent),
 ``mesh-identity.io/envoy-bootstrap`` and ``mesh-identity.io/agent-config`` (the two documents, made by the
 composition root's :attr:`InjectSettings.documents`, since this package does not speak Envoy's protos).
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh_identity.errors import InvalidSpiffeIdError, MeshIdentityError
+from mesh_identity.inject import workloadapi
 from mesh_identity.inject.rules import (
     AGENT_UID,
     CaptureSettings,
@@ -105,7 +108,8 @@ class Workload:
     pod_name: str  # metadata.name, else metadata.generateName without its trailing '-'
     service_account: str
     spiffe_id: SpiffeId
-    app_uids: tuple[int, ...] = ()  # the app containers' runAsUser, where the pod names one
+    app_uids: tuple[int, ...] = ()  # with the Workload API (workloadapi.WORKLOAD_API): the app containers'
+    # runAsUser, where the pod names one; the agent serves the pod's identity to them (and to Envoy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +312,7 @@ def probe_warnings(pod: Mapping[str, Any], excluded: Collection[int] = ()) -> tu
     return tuple(found)
 
 
-def workload(pod: Mapping[str, Any], namespace: str, trust_domain: TrustDomain) -> Workload:
+def workload(pod: Mapping[str, Any], namespace: str, trust_domain: TrustDomain, *, apps: bool = False) -> Workload:
     found = pod.get("metadata")
     metadata: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     name = metadata.get("name") or str(metadata.get("generateName") or "").rstrip("-")
@@ -323,7 +327,8 @@ def workload(pod: Mapping[str, Any], namespace: str, trust_domain: TrustDomain) 
         raise InjectError(f"spec.serviceAccountName: {err}") from None
     pod_user = _member(pod["spec"], "securityContext").get("runAsUser")
     uids = set()
-    for container in pod["spec"].get("containers") or ():
+    containers = (pod["spec"].get("containers") or ()) if apps else ()
+    for container in containers:
         if not isinstance(container, Mapping):
             continue
         user = _member(container, "securityContext").get("runAsUser", pod_user)
@@ -462,7 +467,8 @@ def pod_patch(pod: Mapping[str, Any], namespace: str, settings: InjectSettings) 
     spec = pod["spec"]
     capture = capture_settings(pod, settings.capture)
     _check_pod(pod, capture)
-    who = workload(pod, namespace, settings.trust_domain)
+    apps = _workload_api(pod)
+    who = workload(pod, namespace, settings.trust_domain, apps=apps)
     documents = settings.documents(who)
     added = {INJECTED: "true", ENVOY_BOOTSTRAP: documents.envoy_bootstrap, AGENT_CONFIG: documents.agent_config}
     existing = {**pod_annotations(pod), **added}
@@ -482,9 +488,33 @@ def pod_patch(pod: Mapping[str, Any], namespace: str, settings: InjectSettings) 
     else:
         ops.extend({"op": "add", "path": _pointer("metadata", "annotations", k), "value": v} for k, v in added.items())
     ops.extend(_append(spec, "initContainers", [init], first=True))
+    if apps:  # the pod's own containers, before the sidecars are appended
+        ops.extend(workloadapi.app_operations(spec, SOCKETS_VOLUME, SOCKET_DIR, WORKLOAD_SOCKET))
     ops.extend(_append(spec, "containers", [envoy, agent]))
     ops.extend(_append(spec, "volumes", _volumes()))
     return ops
+
+
+def _workload_api(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod asks for the Workload API in its app containers (see :mod:`.workloadapi`); InjectError
+    for a bad annotation or a container that cannot take it."""
+    try:
+        wanted = workloadapi.requested(pod_annotations(pod))
+    except ValueError as err:
+        raise InjectError(str(err)) from None
+    problem = workloadapi.conflicts(pod["spec"], SOCKET_DIR, WORKLOAD_SOCKET) if wanted else None
+    if problem is not None:
+        raise InjectError(problem)
+    return wanted
+
+
+def admission_warnings(pod: Mapping[str, Any], capture: CaptureSettings) -> tuple[str, ...]:
+    """The warnings that come with the patch of an injectable ``pod``: its network probes that would fail
+    (:func:`probe_warnings`) and, with the Workload API, its containers that name no user."""
+    found = probe_warnings(pod, capture_settings(pod, capture).exclude_inbound_ports)
+    if workloadapi.requested(pod_annotations(pod)):
+        found += workloadapi.user_warnings(pod["spec"])
+    return found
 
 
 # -- applying a patch (what the API server does with it; the tests' fake API server uses it too) -------------

@@ -33,11 +33,10 @@ from mesh_identity.inject.patch import (
     InjectError,
     InjectSettings,
     JsonObj,
-    capture_settings,
+    admission_warnings,
     is_injected,
     pod_annotations,
     pod_patch,
-    probe_warnings,
 )
 
 API_VERSION = "admission.k8s.io/v1"
@@ -219,7 +218,4 @@ class Injector:
             if self.settings.failure_mode is FailureMode.ALLOW:
                 return Answer(True, warnings=(reason + "; admitted without the sidecar",)), "failed-allowed"
             return Answer(False, message=reason), "failed-denied"
-        return Answer(True, patch=patch, warnings=self._probe_warnings(pod)), "injected"
-
-    def _probe_warnings(self, pod: Mapping[str, Any]) -> tuple[str, ...]:
-        return probe_warnings(pod, capture_settings(pod, self.settings.capture).exclude_inbound_ports)
+        return Answer(True, patch=patch, warnings=admission_warnings(pod, self.settings.capture)), "injected"

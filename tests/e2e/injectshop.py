@@ -10,6 +10,7 @@ The shop (namespace ``shop``, monitored)::
     b-0   (sa b)  Service b     10.96.77.20:80 -> 8080; the demo app answers with the caller's SPIFFE ID (XFCC)
     c-0   (sa c)  no Service    not a source of any TrafficTarget of b: 403
     d-0   (sa d)  no Service    mesh-identity.io/inject: "false": no sidecar, no capture
+    e-0   (sa e)  no Service    mesh-identity.io/workload-api: "true": its app fetches SVIDs from the agent
 
 The control plane (``compose.build`` with ``inject``, the built-in CA) listens on the pod bridge's address for
 xDS, the signing API and Attest, and on loopback for the webhook, which the API test server reaches as the
@@ -88,7 +89,7 @@ def pod_manifest(
 
 def shop_objects() -> list[dict[str, Any]]:
     accounts = [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a, "namespace": NS}} for a in "abcd"
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a, "namespace": NS}} for a in "abcde"
     ]
     service = {
         "apiVersion": "v1",

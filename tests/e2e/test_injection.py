@@ -8,7 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,7 +26,9 @@ PODS = {
     "b-0": pod_manifest("b-0", "b", {"app": "b"}),
     "c-0": pod_manifest("c-0", "c", {"app": "c"}),
     "d-0": pod_manifest("d-0", "d", {"app": "d"}, {"mesh-identity.io/inject": "false"}),
+    "e-0": pod_manifest("e-0", "e", {"app": "e"}, {"mesh-identity.io/workload-api": "true"}),
 }
+SPIFFE_CLIENT = Path(__file__).parents[1] / "agent" / "spiffe_client.py"  # the real py-spiffe client
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
 
 
 def test_pods_come_back_injected_and_an_opted_out_one_does_not(shop: Shop) -> None:
-    for name in ("a-0", "b-0", "c-0"):
+    for name in ("a-0", "b-0", "c-0", "e-0"):
         spec = shop.applied[name]["spec"]
         assert [c["name"] for c in spec["initContainers"]] == ["mesh-identity-capture"]
         assert [c["name"] for c in spec["containers"]] == ["app", "mesh-identity-envoy", "mesh-identity-agent"]
@@ -107,3 +112,30 @@ def test_no_smi_object_was_refused_while_the_pods_started(shop: Shop) -> None:
     # b's pod runs before its EndpointSlice lists it ready; meanwhile a-to-b (HTTPRouteGroup rules) must hold
     events = shop.cluster.server.objects(shop.cluster.kind("Event"), "shop")
     assert [e["message"] for e in events if e.get("reason") == "InvalidPolicy"] == []
+
+
+def _spiffe(shop: Shop, pod: str, *args: str, uid: int | None = None) -> tuple[int, Any]:
+    done = shop.pods[pod].exec("app", [sys.executable, str(SPIFFE_CLIENT), *args], uid=uid, check=False, timeout=60)
+    lines = done.stdout.strip().splitlines()
+    return done.returncode, json.loads(lines[-1]) if lines else done.stderr
+
+
+def test_an_app_that_asks_for_the_workload_api_gets_its_pods_identity_from_the_agent(shop: Shop) -> None:
+    code, svids = wait_until(
+        lambda: next((r for r in [_spiffe(shop, "e-0", "x509")] if r[0] == 0), None), "e's X.509-SVID", 60
+    )
+    [svid] = svids
+    assert svid["spiffe_id"] == str(identity("e")) and svid["chain"] >= 2
+    code, jwt = _spiffe(shop, "e-0", "jwt", "payments")
+    assert code == 0 and jwt["spiffe_id"] == str(identity("e")) and jwt["audience"] == ["payments"]
+    code, checked = _spiffe(shop, "e-0", "validate", jwt["token"], "payments")
+    assert code == 0 and checked["spiffe_id"] == str(identity("e"))
+
+
+def test_the_workload_api_serves_no_other_user_and_no_pod_that_did_not_ask(shop: Shop) -> None:
+    code, answer = _spiffe(shop, "e-0", "x509", uid=4242)  # a user the pod does not name
+    assert code == 3 and answer["error"], answer
+    assert str(identity("e")) not in json.dumps(answer)
+    done = shop.pods["a-0"].exec("app", ["sh", "-c", "test -e /var/run/mesh-identity/sockets"], check=False)
+    assert done.returncode == 1  # a-0 did not ask: its app has no socket at all
+    assert "SPIFFE_ENDPOINT_SOCKET" not in json.dumps(shop.applied["a-0"]["spec"]["containers"][0])

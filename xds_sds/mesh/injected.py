@@ -11,8 +11,8 @@ into files; :func:`sidecar_documents` writes them for one pod. Nothing in them i
 * **The agent** (:mod:`xds_sds.agent.config`): first contact at ``attest`` with the pod's projected
   service-account token (the control plane's TokenReview decides the identity, ``ns/<namespace>/sa/<account>``),
   renewals at ``signing``, the roots that verify the control plane from the trust-bundle ConfigMap's file; one
-  entry: the pod's identity, to Envoy's user and to each app user the pod names (``runAsUser``); its health on
-  loopback.
+  entry: the pod's identity, to Envoy's user and, when the pod asks for the Workload API
+  (:mod:`mesh_identity.inject.workloadapi`), to each app user it names (``runAsUser``); its health on loopback.
 """
 
 from __future__ import annotations
