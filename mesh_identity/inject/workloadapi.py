@@ -28,10 +28,14 @@ def requested(annotations: Mapping[str, Any]) -> bool:
     """Whether the pod's annotations ask for the Workload API; ValueError naming the annotation otherwise."""
     value = annotations.get(WORKLOAD_API, "false")
     if value not in ("true", "false"):
-        shown = repr(value) if isinstance(value, str) else type(value).__name__
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise ValueError(f'metadata.annotations[{WORKLOAD_API!r}]: {shown} is not "true" or "false"')
+        raise ValueError(f'metadata.annotations[{WORKLOAD_API!r}]: {_shown(value)} is not "true" or "false"')
     return bool(value == "true")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message shows it: quoted, at most 80 characters."""
+    shown = repr(value) if isinstance(value, str) else type(value).__name__
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def _containers(spec: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
@@ -57,7 +61,7 @@ def conflicts(spec: Mapping[str, Any], socket_dir: str, socket: str) -> str | No
         for number, env in enumerate(_list(container, "env")):
             if env.get("name") == ENDPOINT_ENV and env.get("value") != wanted:
                 return (
-                    f"{where}.env[{number}]: {ENDPOINT_ENV} is already set, to {env.get('value')!r}; the agent's "
+                    f"{where}.env[{number}]: {ENDPOINT_ENV} is already set, to {_shown(env.get('value'))}; the agent's "
                     f"Workload API is {wanted}"
                 )
     return None

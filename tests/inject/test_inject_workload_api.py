@@ -99,6 +99,13 @@ def test_an_endpoint_already_set_to_the_agents_socket_is_not_set_twice() -> None
         ),
         (
             ASK,
+            {"env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///" + "s" * 500}]},
+            "spec.containers[0].env[0]: SPIFFE_ENDPOINT_SOCKET is already set, to 'unix:///"
+            + "s" * 68
+            + f"...; the agent's Workload API is {ENDPOINT}",
+        ),
+        (
+            ASK,
             {"volumeMounts": [{"name": "spire", "mountPath": "/var/run/mesh-identity/sockets/"}]},
             "spec.containers[0].volumeMounts[0].mountPath: /var/run/mesh-identity/sockets is where the agent's "
             "sockets go",
