@@ -278,6 +278,24 @@ def logs_on_failure(*replicas: Replica) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def sidecars_on_failure(pods: list[Pod]) -> Iterator[None]:
+    """On failure, what each sidecar's Envoy holds and how its xDS connections went: the certificates it serves
+    (``/certs``) and its xDS cluster's connection and TLS counters (a stream that cannot move shows why here)."""
+    try:
+        yield
+    except BaseException:
+        for pod in pods:
+            print(f"\n===== {pod.node}: Envoy /certs and the xDS cluster's counters =====")
+            try:
+                print(pod.envoy.admin("/certs")[1][-6_000:])
+                counters = f"/stats?filter=^cluster\\.{XDS_CLUSTER}\\.(upstream_cx_|ssl\\.)"
+                print(pod.envoy.admin(counters)[1][-6_000:])
+            except Exception as err:  # its Envoy gone: say so and go on
+                print(f"(no answer: {err!r})")
+        raise
+
+
 # -- the pods ----------------------------------------------------------------------------------------------
 
 
@@ -431,6 +449,7 @@ def test_the_leader_killed_in_a_root_rotation_the_other_replica_finishes_it_no_r
             stack.callback(pod.app.stop)
             stack.callback(pod.envoy.stop)
             running.append(pod)
+        stack.enter_context(sidecars_on_failure(running))  # before the stack stops the Envoys
         by_name = {p.name: p for p in running}
         for pod in running:
             expected = leader.xds if pod.name in ON_LEADER else follower.xds
