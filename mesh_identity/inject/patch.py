@@ -258,13 +258,12 @@ def _member(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 def _check_pod(pod: Mapping[str, Any], capture: CaptureSettings) -> None:
     spec = pod["spec"]
     reserved = _sidecar_ports(capture)
-    pod_user = _member(spec, "securityContext").get("runAsUser")
     for key in ("initContainers", "containers"):
         for index, container in enumerate(spec.get(key) or ()):
             where = f"spec.{key}[{index}]"
             if not isinstance(container, Mapping):
                 raise InjectError(f"{where}: {container!r} is not a container")
-            user = _member(container, "securityContext").get("runAsUser", pod_user)
+            user = workloadapi.run_as_user(spec, container)
             if key == "containers" and user in (capture.proxy_uid, AGENT_UID):
                 raise InjectError(
                     f"{where}.securityContext.runAsUser: {user} is the sidecar's user; the app's traffic would "
@@ -325,16 +324,11 @@ def workload(pod: Mapping[str, Any], namespace: str, trust_domain: TrustDomain, 
         identity = SpiffeId.for_kubernetes(trust_domain, namespace, account)
     except InvalidSpiffeIdError as err:
         raise InjectError(f"spec.serviceAccountName: {err}") from None
-    pod_user = _member(pod["spec"], "securityContext").get("runAsUser")
-    uids = set()
-    containers = (pod["spec"].get("containers") or ()) if apps else ()
-    for container in containers:
-        if not isinstance(container, Mapping):
-            continue
-        user = _member(container, "securityContext").get("runAsUser", pod_user)
-        if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**31:
-            uids.add(user)
-    return Workload(namespace, name, account, identity, tuple(sorted(uids)))
+    spec = pod["spec"]
+    containers = (spec.get("containers") or ()) if apps else ()
+    users = {workloadapi.run_as_user(spec, c) for c in containers if isinstance(c, Mapping)}
+    uids = tuple(sorted(u for u in users if u is not None))
+    return Workload(namespace, name, account, identity, uids)
 
 
 # -- what is added ---------------------------------------------------------------------------------------------
@@ -452,12 +446,16 @@ def _pointer(*parts: str) -> str:
     return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
 
 
-def _append(spec: Mapping[str, Any], key: str, items: Sequence[JsonObj], *, first: bool = False) -> list[JsonObj]:
-    if not spec.get(key):
-        return [{"op": "add", "path": _pointer("spec", key), "value": list(items)}]
+def _append(
+    parent: Mapping[str, Any], key: str, items: Sequence[JsonObj], *, first: bool = False, at: Sequence[str] = ("spec",)
+) -> list[JsonObj]:
+    """``add`` operations putting ``items`` at the end (``first``: the start) of the list ``key`` of ``parent``,
+    the object at the path ``at``; the list is created when ``parent`` has none."""
+    if not parent.get(key):
+        return [{"op": "add", "path": _pointer(*at, key), "value": list(items)}]
     if first:
-        return [{"op": "add", "path": _pointer("spec", key, str(i)), "value": item} for i, item in enumerate(items)]
-    return [{"op": "add", "path": _pointer("spec", key, "-"), "value": item} for item in items]
+        return [{"op": "add", "path": _pointer(*at, key, str(i)), "value": item} for i, item in enumerate(items)]
+    return [{"op": "add", "path": _pointer(*at, key, "-"), "value": item} for item in items]
 
 
 def pod_patch(pod: Mapping[str, Any], namespace: str, settings: InjectSettings) -> list[JsonObj]:
@@ -488,8 +486,10 @@ def pod_patch(pod: Mapping[str, Any], namespace: str, settings: InjectSettings) 
     else:
         ops.extend({"op": "add", "path": _pointer("metadata", "annotations", k), "value": v} for k, v in added.items())
     ops.extend(_append(spec, "initContainers", [init], first=True))
-    if apps:  # the pod's own containers, before the sidecars are appended
-        ops.extend(workloadapi.app_operations(spec, SOCKETS_VOLUME, SOCKET_DIR, WORKLOAD_SOCKET))
+    for index, container in enumerate(spec["containers"] if apps else ()):  # the pod's own, before ours
+        at = ("spec", "containers", str(index))
+        for key, items in workloadapi.additions(container, SOCKETS_VOLUME, SOCKET_DIR, WORKLOAD_SOCKET).items():
+            ops.extend(_append(container, key, items, at=at))
     ops.extend(_append(spec, "containers", [envoy, agent]))
     ops.extend(_append(spec, "volumes", _volumes()))
     return ops

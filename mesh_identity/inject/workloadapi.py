@@ -55,6 +55,9 @@ def conflicts(spec: Mapping[str, Any], socket_dir: str, socket: str) -> str | No
     wanted = endpoint(socket)
     for index, container in _containers(spec):
         where = f"spec.containers[{index}]"
+        for key in ("volumeMounts", "env"):
+            if container.get(key) is not None and not isinstance(container.get(key), list):
+                return f"{where}.{key}: {_shown(container.get(key))} is not a list"
         for number, mount in enumerate(_list(container, "volumeMounts")):
             if str(mount.get("mountPath", "")).rstrip("/") == socket_dir:
                 return f"{where}.volumeMounts[{number}].mountPath: {socket_dir} is where the agent's sockets go"
@@ -67,35 +70,37 @@ def conflicts(spec: Mapping[str, Any], socket_dir: str, socket: str) -> str | No
     return None
 
 
-def app_operations(spec: Mapping[str, Any], volume: str, socket_dir: str, socket: str) -> list[JsonObj]:
-    """JSONPatch ``add`` operations giving each of ``spec``'s containers (the pod's own: run this before the
-    sidecars are added) the read-only mount of ``volume`` at ``socket_dir`` and ``SPIFFE_ENDPOINT_SOCKET``
-    (unless it already names ``socket``). Check :func:`conflicts` first."""
-    mount = {"name": volume, "mountPath": socket_dir, "readOnly": True}
-    env = {"name": ENDPOINT_ENV, "value": endpoint(socket)}
-    ops: list[JsonObj] = []
-    for index, container in _containers(spec):
-        path = f"/spec/containers/{index}"
-        for key, item in (("volumeMounts", mount), ("env", env)):
-            if key == "env" and any(e.get("name") == ENDPOINT_ENV for e in _list(container, "env")):
-                continue  # already the agent's socket (conflicts() refused any other)
-            if isinstance(container.get(key), list) and container[key]:
-                ops.append({"op": "add", "path": f"{path}/{key}/-", "value": dict(item)})
-            else:
-                ops.append({"op": "add", "path": f"{path}/{key}", "value": [dict(item)]})
-    return ops
+def additions(container: Mapping[str, Any], volume: str, socket_dir: str, socket: str) -> dict[str, list[JsonObj]]:
+    """What a container of the pod gets, by list (``volumeMounts``, ``env``): the read-only mount of ``volume`` at
+    ``socket_dir`` and ``SPIFFE_ENDPOINT_SOCKET``, unless it sets that already (to ``socket``: :func:`conflicts`
+    refuses any other). Empty for a container that is not an object (the patch's checks name it)."""
+    if not isinstance(container, Mapping):
+        return {}
+    found: dict[str, list[JsonObj]] = {"volumeMounts": [{"name": volume, "mountPath": socket_dir, "readOnly": True}]}
+    if not any(e.get("name") == ENDPOINT_ENV for e in _list(container, "env")):
+        found["env"] = [{"name": ENDPOINT_ENV, "value": endpoint(socket)}]
+    return found
+
+
+def run_as_user(spec: Mapping[str, Any], container: Mapping[str, Any]) -> int | None:
+    """The user ``container`` of the pod ``spec`` runs as, as the kubelet resolves it: its own
+    ``securityContext.runAsUser``, else the pod's; None when neither names a user id (0 to 2**31 - 1)."""
+    pod_context = spec.get("securityContext")
+    user = pod_context.get("runAsUser") if isinstance(pod_context, Mapping) else None
+    context = container.get("securityContext")
+    if isinstance(context, Mapping):
+        user = context.get("runAsUser", user)
+    if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**31:
+        return user
+    return None
 
 
 def user_warnings(spec: Mapping[str, Any]) -> tuple[str, ...]:
     """A warning for each of ``spec``'s containers that names no ``runAsUser`` (nor does the pod): the agent tells
     its callers apart by user id, so that container gets no identity from the Workload API."""
-    pod_context = spec.get("securityContext")
-    pod_user = pod_context.get("runAsUser") if isinstance(pod_context, Mapping) else None
     found = []
     for index, container in _containers(spec):
-        context = container.get("securityContext")
-        user = context.get("runAsUser", pod_user) if isinstance(context, Mapping) else pod_user
-        if not isinstance(user, int) or isinstance(user, bool):
+        if run_as_user(spec, container) is None:
             found.append(
                 f"mesh-identity: spec.containers[{index}] ({container.get('name')!r}) names no runAsUser, so the "
                 "Workload API serves it no identity (the agent knows callers by user id); set "

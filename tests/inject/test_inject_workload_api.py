@@ -104,6 +104,7 @@ def test_an_endpoint_already_set_to_the_agents_socket_is_not_set_twice() -> None
             + "s" * 68
             + f"...; the agent's Workload API is {ENDPOINT}",
         ),
+        (ASK, {"env": {"SPIFFE_ENDPOINT_SOCKET": "x"}}, "spec.containers[0].env: dict is not a list"),
         (
             ASK,
             {"volumeMounts": [{"name": "spire", "mountPath": "/var/run/mesh-identity/sockets/"}]},
